@@ -1,0 +1,140 @@
+"""Benchmark training steps: ``python bench.py [--key=value ...]``.
+
+Prints ms/iter, tokens/s, MFU and peak memory for the model shape given (GPT-2 124M by
+default), on real data when the dataset is prepared, else random tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from . import runtime
+from .config import BenchConfig, UserError, load_config
+from .model import GPT, GPTConfig
+from .optim import build_optimizer
+
+
+def measure_matmul_peak(device: str, dtype: str, n: int = 8192, reps: int = 20) -> float:
+    """FLOP/s of a large square matrix product in this dtype: the ceiling this device reaches."""
+    dt = runtime.PTDTYPE[dtype]
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(3):
+        a @ b
+    runtime.synchronize(device.split(":")[0])
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    runtime.synchronize(device.split(":")[0])
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        bench(argv)
+    except UserError as e:
+        print("error: %s" % e, file=sys.stderr)
+        sys.exit(2)
+
+
+def bench(argv: list[str]) -> dict:
+    cfg, _ = load_config(BenchConfig, argv)
+    cfg.validate()
+    device = runtime.resolve_device(cfg.device)
+    device_type = device.split(":")[0]
+    dtype = runtime.resolve_dtype(cfg.dtype, device_type)
+    runtime.setup_backends(device_type)
+    torch.manual_seed(cfg.seed)
+
+    data_dir = os.path.join(cfg.data_root, cfg.dataset)
+    if cfg.real_data and os.path.isfile(os.path.join(data_dir, "train.bin")):
+        from .data import BatchLoader
+        from .prepare import load_meta
+        meta = load_meta(data_dir) or {}
+        loader = BatchLoader(data_dir, "train", cfg.batch_size, cfg.block_size, device, cfg.seed,
+                             meta.get("dtype", "uint16"), cfg.vocab_size, cfg.dataset)
+        get_batch = loader.next
+        source = "data from %s" % data_dir
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+
+        def get_batch():
+            t = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=gen)
+            return t[:, :-1].contiguous().to(device), t[:, 1:].contiguous().to(device)
+        source = "random tokens"
+
+    gconf = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model = GPT(gconf).to(device)
+    optimizer = build_optimizer(model, "adamw", cfg.learning_rate, cfg.weight_decay, (0.9, 0.95), device_type)
+    flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
+    model = runtime.compile_model(model, cfg.compile, device_type)
+    ctx = runtime.autocast(device_type, dtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    print("bench: %.1fM parameters, batch %dx%d, %s, %s, %s, compile=%s"
+          % (sum(p.numel() for p in model.parameters()) / 1e6, cfg.batch_size, cfg.block_size, device, dtype,
+             source, cfg.compile))
+
+    def step():
+        X, Y = get_batch()
+        with ctx:
+            _, loss = model(X, Y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.time()
+    for _ in range(cfg.warmup_steps):
+        loss = step()
+    runtime.synchronize(device_type)
+    warmup_s = time.time() - t0
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    prof = None
+    if cfg.profile:
+        from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        prof = profile(activities=acts, on_trace_ready=tensorboard_trace_handler(cfg.profile_dir), record_shapes=False)
+        prof.start()
+    t0 = time.time()
+    for _ in range(cfg.steps):
+        loss = step()
+        if prof:
+            prof.step()
+    lossf = loss.item()
+    runtime.synchronize(device_type)
+    dt = (time.time() - t0) / cfg.steps
+    if prof:
+        prof.stop()
+        print("profiler trace written to %s" % cfg.profile_dir)
+
+    tokens = cfg.batch_size * cfg.block_size
+    result = {"ms_per_iter": dt * 1000, "tokens_per_s": tokens / dt, "warmup_s": warmup_s, "loss": lossf,
+              "peak_memory_gib": runtime.max_memory_allocated(device_type) / 2**30}
+    line = "%.2f ms/iter, %s tokens/s, loss %.4f, warm-up %.1f s" % (
+        result["ms_per_iter"], f"{result['tokens_per_s']:,.0f}", lossf, warmup_s)
+    peak = runtime.peak_flops(device, dtype, cfg.peak_flops)
+    if peak:
+        result["mfu"] = flops_per_iter / dt / peak
+        line += ", MFU %.1f%% of %.0f TFLOP/s" % (100 * result["mfu"], peak / 1e12)
+    if cfg.measure_peak and device_type != "cpu":
+        measured = measure_matmul_peak(device, dtype)
+        result["measured_peak"] = measured
+        result["mfu_measured"] = flops_per_iter / dt / measured
+        line += ", MFU %.1f%% of the measured matmul peak %.0f TFLOP/s" % (100 * result["mfu_measured"], measured / 1e12)
+    if result["peak_memory_gib"]:
+        line += ", peak memory %.2f GiB" % result["peak_memory_gib"]
+    print(line)
+    return result
+
+
+if __name__ == "__main__":
+    main()

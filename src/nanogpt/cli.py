@@ -1,0 +1,31 @@
+"""The console command: ``nanogpt train|sample|bench|prepare ...``."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": ("nanogpt.train", "train or finetune a model (config files and --key=value overrides)"),
+    "sample": ("nanogpt.sample", "generate text from a checkpoint or GPT-2 weights"),
+    "bench": ("nanogpt.bench", "time training steps: ms/iter, tokens/s, MFU, peak memory"),
+    "prepare": ("nanogpt.prepare", "prepare a dataset: shakespeare_char, shakespeare, openwebtext, corpus"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: nanogpt COMMAND [args]", ""] + ["  %-8s %s" % (k, v[1]) for k, v in COMMANDS.items()]
+        if argv and argv[0] not in ("-h", "--help"):
+            print("error: unknown command %r" % argv[0], file=sys.stderr)
+            print("\n".join(lines), file=sys.stderr)
+            sys.exit(2)
+        print("\n".join(lines))
+        return
+    import importlib
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Typed configuration: dataclasses with one docstring per field, nanoGPT-style config files
+(plain Python files evaluated in their own namespace) and ``--key=value`` overrides.
+
+Every field of a config class carries its help text in ``field(metadata={"help": ...})`` so the
+README table and ``--help`` are generated from the same source. All checks live in
+``validate()``; every failure raises :class:`ConfigError` with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import runpy
+import types
+from dataclasses import dataclass, field, fields
+
+
+class UserError(Exception):
+    """A problem the user can fix; the CLI prints its one-line message and exits with status 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem; the message is one line that names the key."""
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = _f("out", "Folder for ckpt.pt and logs.")
+    eval_interval: int = _f(2000, "Evaluate train/val loss (and save a checkpoint) every this many iterations.")
+    log_interval: int = _f(1, "Print a log line every this many iterations.")
+    eval_iters: int = _f(200, "Batches per split for each loss estimate.")
+    eval_only: bool = _f(False, "Evaluate once and exit (no training).")
+    always_save_checkpoint: bool = _f(True, "Save at every evaluation, not only when val loss improves; also save on Ctrl-C/SIGTERM.")
+    init_from: str = _f("scratch", "'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging Face folder.")
+    # wandb
+    wandb_log: bool = _f(False, "Log to Weights & Biases (wandb is imported only when this is on).")
+    wandb_project: str = _f("owt", "wandb project name.")
+    wandb_run_name: str = _f("gpt2", "wandb run name.")
+    # data
+    dataset: str = _f("openwebtext", "Dataset folder name under data_root, holding train.bin, val.bin and meta.json.")
+    data_root: str = _f("data", "Folder that holds the dataset folders.")
+    gradient_accumulation_steps: int = _f(40, "Micro-steps per optimizer step, summed over all processes (divided by the world size under DDP).")
+    batch_size: int = _f(12, "Sequences per micro-step per process.")
+    block_size: int = _f(1024, "Context length in tokens.")
+    # model
+    n_layer: int = _f(12, "Transformer blocks.")
+    n_head: int = _f(12, "Attention heads per block.")
+    n_embd: int = _f(768, "Embedding width.")
+    dropout: float = _f(0.0, "Dropout probability (0.0 for pretraining, try 0.1+ for finetuning).")
+    bias: bool = _f(False, "Bias in Linear and LayerNorm layers (GPT-2 has them; False is slightly better and faster).")
+    vocab_size: int = _f(0, "Vocabulary size; 0 takes it from the dataset's meta.json, or 50304 (GPT-2's 50257 padded) without one.")
+    vocab_multiple: int = _f(1, "Round the vocabulary up to a multiple of this (64 helps GPU matmuls); padded ids are never sampled.")
+    # optimizer
+    optimizer: str = _f("adamw", "Optimizer: 'adamw'.")
+    learning_rate: float = _f(6e-4, "Peak learning rate.")
+    max_iters: int = _f(600000, "Total optimizer steps.")
+    weight_decay: float = _f(1e-1, "Decoupled weight decay, applied to parameters with 2 or more dimensions only.")
+    beta1: float = _f(0.9, "Adam beta1.")
+    beta2: float = _f(0.95, "Adam beta2.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0.0 disables clipping.")
+    # learning-rate schedule
+    decay_lr: bool = _f(True, "Cosine decay of the learning rate after a linear warmup; False keeps it constant.")
+    warmup_iters: int = _f(2000, "Linear warmup steps.")
+    lr_decay_iters: int = _f(600000, "Step at which the cosine decay reaches min_lr (about max_iters).")
+    min_lr: float = _f(6e-5, "Floor of the learning rate (about learning_rate/10).")
+    # distributed
+    backend: str = _f("auto", "torch.distributed backend under torchrun: 'auto' (nccl on CUDA, gloo otherwise), 'nccl' or 'gloo'.")
+    dist_timeout: float = _f(600.0, "Seconds a collective may wait before the process group gives up (a dead rank cannot hang the others forever).")
+    # system
+    device: str = _f("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    dtype: str = _f("auto", "'auto' (bfloat16 on CUDA when supported, else float16; float32 on CPU/MPS), 'float32', 'bfloat16', 'float16'.")
+    compile: bool = _f(True, "torch.compile the model; falls back with a message where it cannot work.")
+    seed: int = _f(1337, "Seed for initialisation, dropout and batch sampling (each rank adds its rank).")
+    peak_flops: float = _f(0.0, "Peak FLOP/s of one device for MFU; 0 looks the GPU up in a table (no MFU on CPU unless set).")
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = _f("resume", "'resume' (from out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or a local Hugging Face folder.")
+    out_dir: str = _f("out", "Folder holding ckpt.pt when init_from='resume'.")
+    start: str = _f("\n", "Prompt text, or 'FILE:path' to read the prompt from a file.")
+    num_samples: int = _f(10, "Number of samples to draw.")
+    max_new_tokens: int = _f(500, "Tokens generated per sample.")
+    temperature: float = _f(0.8, "Softmax temperature; 0 means greedy decoding.")
+    top_k: int = _f(200, "Keep only the k most likely tokens (0 disables).")
+    top_p: float = _f(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 disables).")
+    seed: int = _f(1337, "Random seed.")
+    device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    dtype: str = _f("auto", "'auto', 'float32', 'bfloat16', 'float16'.")
+    compile: bool = _f(False, "torch.compile the model.")
+    kv_cache: bool = _f(True, "Use the key/value cache (False re-runs the whole prefix for every token).")
+    data_root: str = _f("data", "Where dataset folders (with meta.json) are looked up for the character vocabulary.")
+
+    def validate(self) -> None:
+        _check_positive(self, "num_samples", "max_new_tokens")
+        if self.temperature < 0:
+            raise ConfigError("temperature must be >= 0 (0 = greedy); got %r" % self.temperature)
+        if self.top_k < 0:
+            raise ConfigError("top_k must be >= 0 (0 disables it); got %r" % self.top_k)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("top_p must be in (0, 1]; got %r" % self.top_p)
+        _check_choice(self, "dtype", DTYPES)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarking
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int = _f(12, "Sequences per step.")
+    block_size: int = _f(1024, "Context length.")
+    n_layer: int = _f(12, "Transformer blocks.")
+    n_head: int = _f(12, "Attention heads.")
+    n_embd: int = _f(768, "Embedding width.")
+    bias: bool = _f(False, "Bias in Linear and LayerNorm layers.")
+    dropout: float = _f(0.0, "Dropout probability.")
+    vocab_size: int = _f(50304, "Vocabulary size (50304 = GPT-2's padded to a multiple of 64).")
+    real_data: bool = _f(True, "Read batches from data_root/dataset when it exists; otherwise random tokens.")
+    dataset: str = _f("openwebtext", "Dataset for real_data.")
+    data_root: str = _f("data", "Folder that holds the dataset folders.")
+    learning_rate: float = _f(6e-4, "AdamW learning rate used in the timed steps.")
+    weight_decay: float = _f(1e-1, "AdamW weight decay.")
+    warmup_steps: int = _f(10, "Untimed steps first (compilation, allocator warm-up).")
+    steps: int = _f(20, "Timed steps.")
+    seed: int = _f(1337, "Random seed.")
+    device: str = _f("auto", "'auto', 'cpu', 'cuda', 'mps'.")
+    dtype: str = _f("auto", "'auto', 'float32', 'bfloat16', 'float16'.")
+    compile: bool = _f(True, "torch.compile the model.")
+    profile: bool = _f(False, "Write a torch.profiler trace (Chrome/TensorBoard format) to profile_dir.")
+    profile_dir: str = _f("bench_log", "Where the profiler trace goes.")
+    peak_flops: float = _f(0.0, "Peak FLOP/s of one device for MFU; 0 looks the GPU up in a table.")
+    measure_peak: bool = _f(False, "Also time a large matrix product in the chosen dtype and report MFU against it.")
+
+    def validate(self) -> None:
+        _check_positive(self, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "steps")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps must be >= 0; got %r" % self.warmup_steps)
+        if self.n_embd % self.n_head:
+            raise ConfigError("n_embd (%d) must be divisible by n_head (%d)" % (self.n_embd, self.n_head))
+        _check_choice(self, "dtype", DTYPES)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw",)
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def _check_positive(cfg, *keys: str) -> None:
+    for k in keys:
+        if getattr(cfg, k) <= 0:
+            raise ConfigError("%s must be > 0; got %r" % (k, getattr(cfg, k)))
+
+
+def _check_choice(cfg, key: str, choices) -> None:
+    if getattr(cfg, key) not in choices:
+        raise ConfigError("%s must be one of %s; got %r" % (key, ", ".join(map(repr, choices)), getattr(cfg, key)))
+
+
+def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
+    """All checks of a training config, in one place."""
+    _check_positive(cfg, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
+                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple")
+    if cfg.max_iters < 0:
+        raise ConfigError("max_iters must be >= 0; got %r" % cfg.max_iters)
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError("n_embd (%d) must be divisible by n_head (%d)" % (cfg.n_embd, cfg.n_head))
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError("dropout must be in [0, 1); got %r" % cfg.dropout)
+    if cfg.vocab_size < 0:
+        raise ConfigError("vocab_size must be >= 0 (0 = from the dataset); got %r" % cfg.vocab_size)
+    if cfg.learning_rate <= 0:
+        raise ConfigError("learning_rate must be > 0; got %r" % cfg.learning_rate)
+    if cfg.weight_decay < 0:
+        raise ConfigError("weight_decay must be >= 0; got %r" % cfg.weight_decay)
+    for k in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, k) < 1.0:
+            raise ConfigError("%s must be in [0, 1); got %r" % (k, getattr(cfg, k)))
+    if cfg.grad_clip < 0:
+        raise ConfigError("grad_clip must be >= 0 (0 disables it); got %r" % cfg.grad_clip)
+    if cfg.decay_lr:
+        if cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
+            raise ConfigError("min_lr must be in [0, learning_rate=%g]; got %r" % (cfg.learning_rate, cfg.min_lr))
+        if cfg.warmup_iters < 0:
+            raise ConfigError("warmup_iters must be >= 0; got %r" % cfg.warmup_iters)
+        if cfg.warmup_iters > cfg.lr_decay_iters:
+            raise ConfigError("warmup_iters (%d) must not exceed lr_decay_iters (%d)" % (cfg.warmup_iters, cfg.lr_decay_iters))
+    _check_choice(cfg, "optimizer", OPTIMIZERS)
+    _check_choice(cfg, "dtype", DTYPES)
+    _check_choice(cfg, "backend", ("auto", "nccl", "gloo"))
+    if cfg.dist_timeout <= 0:
+        raise ConfigError("dist_timeout must be > 0 seconds; got %r" % cfg.dist_timeout)
+    if cfg.peak_flops < 0:
+        raise ConfigError("peak_flops must be >= 0; got %r" % cfg.peak_flops)
+    known = ("scratch", "resume") + GPT2_NAMES
+    if cfg.init_from not in known and not os.path.isdir(cfg.init_from):
+        raise ConfigError("init_from must be one of %s or an existing Hugging Face model folder; got %r"
+                          % (", ".join(known), cfg.init_from))
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError("gradient_accumulation_steps (%d) must be divisible by the number of processes (%d)"
+                          % (cfg.gradient_accumulation_steps, world_size))
+    if cfg.wandb_log and not cfg.wandb_project:
+        raise ConfigError("wandb_project must be set when wandb_log=True")
+
+
+# --------------------------------------------------------------------------------------------
+# loading: config files and --key=value overrides
+
+
+def field_docs(cls) -> list[tuple[str, str, object, str]]:
+    """(name, type name, default, help) for each field, in declaration order."""
+    out = []
+    for f in fields(cls):
+        out.append((f.name, _type_name(f), f.default, f.metadata.get("help", "")))
+    return out
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    t = f.type
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _coerce(cls, key: str, value, source: str):
+    """Check ``value`` against the declared type of ``key``; int widens to float."""
+    types_by_name = {f.name: _type_name(f) for f in fields(cls)}
+    if key not in types_by_name:
+        close = _close_matches(key, list(types_by_name))
+        hint = " (did you mean %s?)" % " or ".join(repr(c) for c in close) if close else ""
+        raise ConfigError("unknown config key %r in %s%s" % (key, source, hint))
+    t = types_by_name[key]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(t, True)
+    if not ok:
+        raise ConfigError("config key %r expects %s, got %s %r in %s" % (key, t, type(value).__name__, value, source))
+    return float(value) if t == "float" else value
+
+
+def _close_matches(key: str, candidates: list[str]) -> list[str]:
+    import difflib
+    return difflib.get_close_matches(key, candidates, n=2, cutoff=0.75)
+
+
+def _parse_literal(text: str):
+    """``--key=value``: a Python literal when it parses as one, else the raw string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def read_config_file(path: str) -> dict:
+    """Evaluate a nanoGPT-style config file in its own namespace; return its plain settings."""
+    if not os.path.isfile(path):
+        raise ConfigError("config file %r not found (config files live in config/, e.g. config/train_shakespeare_char.py)" % path)
+    try:
+        ns = runpy.run_path(path, run_name="__config__")
+    except Exception as e:  # a broken config file is the user's to fix: say where
+        raise ConfigError("config file %r failed to run: %s: %s" % (path, type(e).__name__, e)) from e
+    out = {}
+    for k, v in ns.items():
+        if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
+            continue  # imports and helpers used inside the file
+        out[k] = v
+    return out
+
+
+def load_config(cls, argv: list[str]):
+    """Build a ``cls`` from nanoGPT-style arguments: config files (positional) then ``--key=value``.
+
+    Returns ``(config, explicit)`` where ``explicit`` is the set of keys the user set.
+    """
+    cfg = cls()
+    explicit: set[str] = set()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            raise SystemExit(help_text(cls))
+        if not arg.startswith("--"):
+            for k, v in read_config_file(arg).items():
+                setattr(cfg, k, _coerce(cls, k, v, "config file %r" % arg))
+                explicit.add(k)
+            continue
+        if "=" not in arg:
+            raise ConfigError("argument %r must look like --key=value" % arg)
+        key, text = arg[2:].split("=", 1)
+        value = _parse_literal(text)
+        if _type_name_of(cls, key) == "str" and not isinstance(value, str):
+            value = text  # --init_from=gpt2, --start=42: strings need no quotes
+        setattr(cfg, key, _coerce(cls, key, value, "--%s" % key))
+        explicit.add(key)
+    return cfg, explicit
+
+
+def _type_name_of(cls, key: str) -> str | None:
+    for f in fields(cls):
+        if f.name == key:
+            return _type_name(f)
+    return None
+
+
+def help_text(cls) -> str:
+    lines = ["usage: [config_file.py ...] [--key=value ...]", "", "keys:"]
+    for name, t, default, doc in field_docs(cls):
+        lines.append("  --%s=%r  (%s)  %s" % (name, default, t, doc))
+    return "\n".join(lines)
+
+
+def markdown_table(cls) -> str:
+    """The README table of every key, generated from the field docs."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, t, default, doc in field_docs(cls):
+        rows.append("| `%s` | %s | `%r` | %s |" % (name, t, default, doc.replace("|", "\\|")))
+    return "\n".join(rows)

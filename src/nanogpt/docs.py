@@ -1,0 +1,35 @@
+"""Regenerate the README's tables of config keys from the config classes' field docs:
+``python -m nanogpt.docs`` (rewrites README.md in place between the marker comments)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from .config import BenchConfig, SampleConfig, TrainConfig, markdown_table
+
+SECTIONS = {"train": TrainConfig, "sample": SampleConfig, "bench": BenchConfig}
+
+
+def render(text: str) -> str:
+    for name, cls in SECTIONS.items():
+        begin, end = "<!-- keys:%s -->" % name, "<!-- /keys:%s -->" % name
+        pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+        if not pattern.search(text):
+            raise SystemExit("README.md lacks the markers %s ... %s" % (begin, end))
+        text = pattern.sub(lambda _: "%s\n%s\n%s" % (begin, markdown_table(cls), end), text)
+    return text
+
+
+def main(path: str = "README.md") -> None:
+    with open(path, encoding="utf-8") as f:
+        old = f.read()
+    new = render(old)
+    if new != old:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+        print("updated %s" % path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,309 @@
+"""The GPT-2 model, in one file.
+
+Parameter names follow GPT-2's (transformer.wte, transformer.h.0.attn.c_attn, ...), so released
+checkpoints map onto it directly. Shapes in comments: B batch, T time, C channels (n_embd),
+nh heads, hs head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257, padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linear and LayerNorm layers, as in GPT-2
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to max_len."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store (B, nh, T, hs) keys/values at the current position; return everything so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(layer, k, v)  # (B, nh, start+T, hs)
+            if start > 0:
+                causal = False
+                if T > 1:  # a chunk after cached tokens: query i sees keys up to start+i
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's own GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled down by sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings are left out by default (token embeddings count
+        once, as the tied output layer)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
+        """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with last_only; loss with targets."""
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError("sequence of %d tokens exceeds block_size %d" % (start + T, self.config.block_size))
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        if last_only:
+            x = x[:, [-1], :]  # (B, 1, C): generation needs only the last position
+        return self.lm_head(x), None
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context (e.g. load GPT-2's 1024 and train at 256)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight plus attention scores."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    # ---------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, use_cache: bool = True, vocab_limit: int | None = None,
+                 generator: torch.Generator | None = None):
+        """Extend idx (B, T) by max_new_tokens tokens.
+
+        With the cache, the prompt is run once (prefill) and each new token costs one position.
+        Once the sequence no longer fits in block_size the window slides: the last block_size
+        tokens are re-run from position 0, which is what the uncached path does, so both give the
+        same tokens. temperature=0 is greedy; vocab_limit masks padded vocabulary entries.
+        """
+        bs = self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -bs:], last_only=True)
+            elif cache is None or cache.pos >= bs:
+                ctx = idx[:, -bs:]
+                if cache is None:
+                    p = next(self.parameters())
+                    dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else p.dtype
+                    cache = KVCache(self.config, idx.size(0), bs, idx.device, dtype)
+                cache.pos = 0
+                logits, _ = self(ctx, cache=cache, last_only=True)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache, last_only=True)
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, vocab_limit, generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    # ---------------------------------------------------------------------------------------
+    # released GPT-2 weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dropout: float | None = None) -> "GPT":
+        """Load GPT-2 weights from the Hugging Face hub ('gpt2' ... 'gpt2-xl') or a local
+        folder written by ``save_pretrained`` (config.json + model.safetensors or
+        pytorch_model.bin). transformers is not needed."""
+        folder = hf_folder(name_or_path)
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError("%s holds a %r model, not GPT-2" % (folder, hf.get("model_type")))
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError("%s uses activation %r; only GPT-2's tanh GELU is supported" % (folder, act))
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag):
+                raise ValueError("%s sets %s, which this model does not implement" % (folder, flag))
+        if not hf.get("tie_word_embeddings", True):
+            raise ValueError("%s has an untied output layer; this model ties it to the embeddings" % folder)
+        if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+            raise ValueError("%s uses layer_norm_epsilon=%s; GPT-2 uses 1e-5" % (folder, hf.get("layer_norm_epsilon")))
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                           dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout)
+        model = cls(config)
+        sd = model.state_dict()
+        src = _read_hf_weights(folder)
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        loaded = set()
+        for key, w in src.items():
+            if key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # causal-mask buffers, not weights
+            name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+            if name not in sd:
+                raise ValueError("unexpected weight %r in %s" % (key, folder))
+            if name.endswith(transposed):
+                w = w.t()  # GPT-2 stores these as Conv1D: (in, out)
+            if w.shape != sd[name].shape:
+                raise ValueError("weight %r has shape %s, expected %s" % (key, tuple(w.shape), tuple(sd[name].shape)))
+            with torch.no_grad():
+                sd[name].copy_(w)
+            loaded.add(name)
+        missing = set(sd) - loaded - {"lm_head.weight"}  # lm_head is tied to wte
+        if missing:
+            raise ValueError("%s lacks weights: %s" % (folder, ", ".join(sorted(missing)[:5])))
+        return model
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                vocab_limit: int | None = None, generator: torch.Generator | None = None):
+    """Pick the next token from logits (B, V) -> (B, 1)."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.size(-1):
+        logits[:, vocab_limit:] = -float("inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        sorted_logits[drop] = -float("inf")
+        logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+
+
+def hf_folder(name_or_path: str) -> str:
+    """A local folder with config.json and weights: as given, or downloaded from the hub."""
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise FileNotFoundError("%s has no config.json; expected a folder written by save_pretrained" % name_or_path)
+        return name_or_path
+    if name_or_path not in HUB_NAMES:
+        raise FileNotFoundError("%r is neither a GPT-2 name (%s) nor a folder" % (name_or_path, ", ".join(HUB_NAMES)))
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError("loading %s needs huggingface_hub: pip install 'nanogpt[hf]'" % name_or_path) from None
+    return snapshot_download(HUB_NAMES[name_or_path], allow_patterns=["config.json", "*.safetensors"])
+
+
+def _read_hf_weights(folder: str) -> dict:
+    st = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(st):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError("reading %s needs safetensors: pip install safetensors" % st) from None
+        return load_file(st)
+    pt = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError("%s has neither model.safetensors nor pytorch_model.bin" % folder)
+
+
+def model_args(config: GPTConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,117 @@
+"""Sampling: ``python sample.py --out_dir=out-shakespeare-char`` or ``--init_from=gpt2-xl``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from . import checkpoint, runtime
+from .config import ConfigError, SampleConfig, UserError, load_config
+from .model import GPT, GPTConfig
+
+
+def load_model(init_from: str, out_dir: str) -> tuple[GPT, dict | None]:
+    """A model for inference and the dataset name it was trained on (None for GPT-2 weights)."""
+    if init_from == "resume":
+        path = os.path.join(out_dir, "ckpt.pt")
+        ckpt = checkpoint.load(path)
+        margs = dict(ckpt["model_args"])
+        margs["dropout"] = 0.0
+        model = GPT(GPTConfig(**margs))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise checkpoint.CheckpointError("weights in %s do not fit the model: %s" % (path, str(e).splitlines()[0])) from None
+        return model, ckpt.get("config") or {}
+    try:
+        return GPT.from_pretrained(init_from, dropout=0.0), None
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError("cannot load %s: %s" % (init_from, e)) from None
+
+
+def tokenizer_for(train_config: dict | None, data_root: str, log=print):
+    """The character vocabulary of the training data when it has one, else GPT-2 BPE."""
+    from .prepare import load_meta
+    from .tokenizer import load_tokenizer
+    meta = None
+    if train_config and train_config.get("dataset"):
+        root = train_config.get("data_root") or data_root
+        folder = os.path.join(root, train_config["dataset"])
+        if os.path.isdir(folder):
+            meta = load_meta(folder)
+    if meta and "stoi" in meta:
+        log("using the character vocabulary of %s" % train_config["dataset"])
+    return load_tokenizer(meta), (meta or {}).get("vocab_size")
+
+
+def read_start(start: str) -> str:
+    if start.startswith("FILE:"):
+        path = start[5:]
+        if not os.path.isfile(path):
+            raise ConfigError("start=%r: file %r does not exist" % (start, path))
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return start
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        sample(argv)
+    except UserError as e:
+        print("error: %s" % e, file=sys.stderr)
+        sys.exit(2)
+
+
+def sample(argv: list[str]) -> list[str]:
+    cfg, _ = load_config(SampleConfig, argv)
+    cfg.validate()
+    prompt = read_start(cfg.start)
+    device = runtime.resolve_device(cfg.device)
+    device_type = device.split(":")[0]
+    dtype = runtime.resolve_dtype(cfg.dtype, device_type)
+    runtime.setup_backends(device_type)
+    torch.manual_seed(cfg.seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(cfg.seed)
+
+    model, train_config = load_model(cfg.init_from, cfg.out_dir)
+    model.eval().to(device)
+    tok, vocab_limit = tokenizer_for(train_config, cfg.data_root, log=lambda m: print(m, file=sys.stderr))
+    if cfg.compile:
+        why = runtime.compile_blocker(device_type)
+        if why:
+            print("compile: disabled (%s); running eagerly" % why, file=sys.stderr)
+        else:  # compile the forward pass that generate() calls; positions vary, so dynamic shapes
+            model.forward = torch.compile(model.forward, dynamic=True)
+
+    try:
+        ids = tok.encode(prompt)
+    except KeyError as e:
+        raise ConfigError("start contains a character outside the model's vocabulary: %s" % e) from None
+    if not ids:
+        raise ConfigError("start is empty after tokenisation; give at least one token of prompt")
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+    ctx = runtime.autocast(device_type, dtype)
+    outputs = []
+    t0 = time.time()
+    with torch.no_grad(), ctx:
+        for _ in range(cfg.num_samples):
+            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                    top_p=cfg.top_p, use_cache=cfg.kv_cache, vocab_limit=vocab_limit)
+            text = tok.decode(y[0].tolist())
+            outputs.append(text)
+            print(text)
+            print("---------------")
+    runtime.synchronize(device_type)
+    dt = time.time() - t0
+    print("%d samples x %d tokens in %.2f s (%.0f tokens/s)"
+          % (cfg.num_samples, cfg.max_new_tokens, dt, cfg.num_samples * cfg.max_new_tokens / dt), file=sys.stderr)
+    return outputs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""The training loop: ``python train.py [config.py ...] [--key=value ...]``.
+
+One process:   python train.py config/train_shakespeare_char.py --device=cpu --compile=False
+DDP, 1 node:   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from . import checkpoint, dist, runtime
+from .config import ConfigError, TrainConfig, UserError, load_config, validate_train
+from .data import BatchLoader, DataError, dataset_dir
+from .model import GPT, GPTConfig
+from .optim import build_optimizer, describe, param_groups
+
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def check_writable(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test_%d" % os.getpid())
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError("out_dir %r is not writable (%s); choose another --out_dir" % (out_dir, e.strerror or e)) from None
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps and saves before leaving."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def install(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second Ctrl-C: leave at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def build_model(cfg: TrainConfig, explicit: set, meta: dict | None, log) -> tuple[GPT, dict | None]:
+    """The model for init_from, and the checkpoint when resuming."""
+    ckpt = None
+    if cfg.init_from == "scratch":
+        vocab = cfg.vocab_size or (meta["vocab_size"] if meta else 50304)
+        if not cfg.vocab_size and not meta:
+            log("no meta.json in the dataset folder: vocab_size defaults to 50304 (GPT-2's, padded)")
+        vocab = -(-vocab // cfg.vocab_multiple) * cfg.vocab_multiple
+        gconf = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+        return GPT(gconf), None
+    if cfg.init_from == "resume":
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        ckpt = checkpoint.load(path)
+        margs = dict(ckpt["model_args"])
+        for k in ARCH_KEYS:
+            if k in explicit and getattr(cfg, k) != margs[k] and not (k == "vocab_size" and getattr(cfg, k) == 0):
+                raise ConfigError("%s=%r disagrees with the checkpoint in %s (%s=%r); drop the override or train into a new --out_dir"
+                                  % (k, getattr(cfg, k), cfg.out_dir, k, margs[k]))
+        margs["dropout"] = cfg.dropout
+        model = GPT(GPTConfig(**margs))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise checkpoint.CheckpointError("weights in %s do not fit the model: %s" % (path, str(e).splitlines()[0])) from None
+        return model, ckpt
+    log("initialising from GPT-2 weights: %s" % cfg.init_from)
+    try:
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError("cannot load %s: %s" % (cfg.init_from, e)) from None
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    return model, None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        train(argv)
+    except UserError as e:
+        print("error: %s" % e, file=sys.stderr)
+        sys.exit(2)
+
+
+def train(argv: list[str]) -> dict:
+    cfg, explicit = load_config(TrainConfig, argv)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if dist.under_torchrun() else 1
+    validate_train(cfg, world)
+    device = runtime.resolve_device(cfg.device)
+    dinfo, device = dist.init(device, cfg.backend, cfg.dist_timeout)
+    try:
+        return _train(cfg, explicit, dinfo, device)
+    finally:
+        dist.shutdown(dinfo)
+
+
+def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -> dict:
+    master = dinfo.master
+    log = print if master else (lambda *a, **k: None)
+    device_type = device.split(":")[0]
+    dtype = runtime.resolve_dtype(cfg.dtype, device_type)
+    runtime.setup_backends(device_type)
+    if master:
+        check_writable(cfg.out_dir)
+    accum = cfg.gradient_accumulation_steps // dinfo.world_size
+    tokens_per_iter = accum * dinfo.world_size * cfg.batch_size * cfg.block_size
+    log("tokens per iteration: %s (%d processes x %d micro-steps x %d x %d)"
+        % (f"{tokens_per_iter:,}", dinfo.world_size, accum, cfg.batch_size, cfg.block_size))
+
+    seed = cfg.seed + dinfo.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    from .prepare import load_meta  # preparation code is only needed for its meta reader
+    data_dir = dataset_dir(cfg.data_root, cfg.dataset)
+    if not os.path.isdir(data_dir):
+        from .data import prepare_hint
+        raise DataError("dataset %r not found at %s; %s" % (cfg.dataset, data_dir, prepare_hint(cfg.dataset)))
+    meta = load_meta(data_dir)
+
+    model, ckpt = build_model(cfg, explicit, meta, log)
+    gconf = model.config
+    if meta and meta.get("max_token_id") is not None and meta["max_token_id"] >= gconf.vocab_size:
+        raise DataError("dataset %r holds token id %d but the model's vocab_size is %d; use a matching dataset or --vocab_size"
+                        % (cfg.dataset, meta["max_token_id"], gconf.vocab_size))
+    data_dtype = meta.get("dtype", "uint16") if meta else "uint16"
+
+    def loader(split: str, seed_: int) -> BatchLoader:
+        return BatchLoader(data_dir, split, cfg.batch_size, gconf.block_size, device, seed_, data_dtype,
+                           gconf.vocab_size, cfg.dataset)
+
+    train_loader = loader("train", seed)
+    loader("val", seed)  # fail now, not at the first evaluation, when val.bin is missing
+
+    model.to(device)
+    log("model: %.2fM parameters (%s)" % (model.num_params() / 1e6, ", ".join("%s=%s" % kv for kv in asdict(gconf).items())))
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    log(describe(param_groups(model, cfg.weight_decay)))
+
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        if "optimizer" in ckpt:
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise checkpoint.CheckpointError("optimizer state in %s does not fit (%s); was it written with another --optimizer?"
+                                                 % (cfg.out_dir, e)) from None
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        iter_num = ckpt["iter_num"]
+        best_val_loss = ckpt.get("best_val_loss", best_val_loss)
+        rng = ckpt.get("rng")
+        if rng and master and ckpt.get("world_size", 1) == dinfo.world_size:
+            checkpoint.set_rng_state(rng)
+            train_loader.load_state_dict(rng["loader"])
+        else:  # other ranks (or another world size): a fresh, deterministic stream per rank
+            torch.manual_seed(seed + 1000003 * iter_num)
+            train_loader.generator.manual_seed(seed + 1000003 * iter_num)
+        log("resumed from %s at iter %d (best val loss %.4f)" % (os.path.join(cfg.out_dir, "ckpt.pt"), iter_num, best_val_loss))
+        del ckpt
+
+    raw_model = model
+    model = runtime.compile_model(model, cfg.compile, device_type, log)
+    if dinfo.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dinfo.local_rank] if device_type == "cuda" else None)
+    ctx = runtime.autocast(device_type, dtype)
+
+    wandb = None
+    if cfg.wandb_log and master:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("wandb_log=True but wandb is not installed: pip install wandb, or pass --wandb_log=False") from None
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+
+    @torch.no_grad()
+    def estimate_loss() -> dict:
+        out = {}
+        model.eval()
+        for i, split in enumerate(("train", "val")):
+            # the same batches at every evaluation, and none taken from the training stream
+            ev = loader(split, cfg.seed + 7919 * (i + 1) + dinfo.rank)
+            losses = torch.zeros(cfg.eval_iters, device=device)
+            for k in range(cfg.eval_iters):
+                X, Y = ev.next()
+                with ctx:
+                    _, loss = model(X, Y)
+                losses[k] = loss.float()
+            out[split] = dist.all_reduce_mean(losses.mean(), dinfo).item()
+        model.train()
+        return out
+
+    def save_checkpoint(reason: str) -> None:
+        state = {
+            "format": checkpoint.FORMAT,
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "model_args": asdict(gconf),
+            "config": asdict(cfg),
+            "iter_num": iter_num,
+            "best_val_loss": float(best_val_loss),
+            "world_size": dinfo.world_size,
+            "rng": {**checkpoint.rng_state(), "loader": train_loader.state_dict()},
+        }
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
+        path = os.path.join(cfg.out_dir, "ckpt.pt")
+        checkpoint.save(state, path)
+        log("saved checkpoint to %s (%s)" % (path, reason))
+
+    peak = runtime.peak_flops(device, dtype, cfg.peak_flops)
+    flops_per_iter = raw_model.flops_per_token(gconf.block_size) * tokens_per_iter
+    stop = StopFlag()
+    stop.install()
+    start_iter, t_start = iter_num, time.time()
+    t_last, iters_since = time.time(), 0
+    last = {"loss": None, "val": None}
+    history = []  # (iter, train loss) at each log step
+    params = [p for p in raw_model.parameters()]
+    try:
+        while True:
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            resumed_here = iter_num == start_iter and start_iter > 0 and not cfg.eval_only
+            if cfg.eval_only or ((iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not resumed_here):
+                losses = estimate_loss()
+                last["val"] = losses["val"]
+                log("step %d: train loss %.4f, val loss %.4f" % (iter_num, losses["train"], losses["val"]))
+                if wandb:
+                    wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if master and iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                    save_checkpoint("val loss %.4f" % losses["val"])
+                t_last, iters_since = time.time(), 0  # evaluation time is not training time
+            if cfg.eval_only or iter_num >= cfg.max_iters:
+                break
+
+            log_step = iter_num % cfg.log_interval == 0
+            for micro in range(accum):
+                X, Y = train_loader.next()
+                sync = nullcontext() if (not dinfo.enabled or micro == accum - 1) else model.no_sync()
+                with sync:
+                    with ctx:
+                        _, loss = model(X, Y)
+                        loss = loss / accum  # the mean over micro-steps, not their sum
+                    scaler.scale(loss).backward()
+            grad_norm = None
+            if cfg.grad_clip > 0 or log_step:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iters_since += 1
+
+            if log_step:
+                lossf = loss.item() * accum  # a GPU sync, only at log steps
+                last["loss"] = lossf
+                history.append((iter_num, lossf))
+                runtime.synchronize(device_type)
+                now = time.time()
+                dt = (now - t_last) / iters_since
+                t_last, iters_since = now, 0
+                line = "iter %d: loss %.4f, lr %.3e, grad norm %.3f, %.2f ms/iter, %s tok/s" % (
+                    iter_num, lossf, lr, grad_norm.item(), dt * 1000, f"{tokens_per_iter / dt:,.0f}")
+                if peak:
+                    line += ", mfu %.1f%%" % (100 * flops_per_iter / dt / (peak * dinfo.world_size))
+                log(line)
+                if wandb:
+                    wandb.log({"iter": iter_num, "train/loss_step": lossf, "lr": lr, "grad_norm": grad_norm.item()})
+            iter_num += 1
+
+            stopping = stop.signal is not None
+            if dinfo.enabled and (log_step or stopping):
+                stopping = dist.any_rank(stopping, dinfo, device)
+            if stopping:
+                log("caught a stop signal at iter %d" % iter_num)
+                if master and cfg.always_save_checkpoint:
+                    save_checkpoint("stopped by signal")
+                break
+    finally:
+        stop.restore()
+
+    elapsed = time.time() - t_start
+    done = iter_num - start_iter
+    summary = {"iters": done, "final_iter": iter_num, "seconds": elapsed, "best_val_loss": best_val_loss,
+               "last_val_loss": last["val"], "last_train_loss": last["loss"], "history": history}
+    if done:
+        mem = runtime.max_memory_allocated(device_type)
+        log("done: %d iterations in %.1f s (%.1f ms/iter, %s tok/s overall), best val loss %.4f%s"
+            % (done, elapsed, 1000 * elapsed / done, f"{tokens_per_iter * done / elapsed:,.0f}", best_val_loss,
+               ", peak memory %.2f GiB" % (mem / 2**30) if mem else ""))
+    if wandb:
+        wandb.finish()
+    if stop.signal is not None:
+        raise SystemExit(128 + stop.signal)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

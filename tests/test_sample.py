@@ -1,0 +1,45 @@
+"""sample.py with GPT-2 BPE from a local Hugging Face folder, against transformers."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIRROR = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+
+@pytest.fixture(scope="module")
+def gpt2_bpe_env():
+    cache = os.path.join(MIRROR, "tiktoken-cache")
+    if not os.path.isdir(cache) and not os.environ.get("TIKTOKEN_CACHE_DIR"):
+        pytest.skip("no GPT-2 BPE files here (../shared/data/tiktoken-cache)")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    env.setdefault("TIKTOKEN_CACHE_DIR", cache)
+    return env
+
+
+def test_sample_greedy_matches_hugging_face(tmp_path, gpt2_bpe_env, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    tiktoken = pytest.importorskip("tiktoken")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", gpt2_bpe_env["TIKTOKEN_CACHE_DIR"])
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # a peaked distribution: greedy picks are unambiguous
+    hf.save_pretrained(tmp_path / "hf")
+    enc = tiktoken.get_encoding("gpt2")
+    prompt = "Hello, my name is"
+    ids = torch.tensor([enc.encode(prompt)])
+    ref = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=50256)
+    expected = enc.decode(ref[0].tolist())
+
+    r = subprocess.run([sys.executable, "sample.py", "--init_from=%s" % (tmp_path / "hf"), "--device=cpu",
+                        "--start=%s" % prompt, "--num_samples=1", "--max_new_tokens=12", "--temperature=0"],
+                       cwd=ROOT, capture_output=True, text=True, encoding="utf-8", env=gpt2_bpe_env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n---------------\n")[0] == expected

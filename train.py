@@ -1,0 +1,12 @@
+"""train: see `python train.py --help`. The code lives in src/nanogpt/train.py."""
+import os
+import sys
+
+try:
+    from nanogpt.train import main
+except ImportError:  # a plain clone without `pip install -e .`
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+    from nanogpt.train import main
+
+if __name__ == "__main__":
+    main()
