@@ -3,6 +3,7 @@ and bad input gets one clear line."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ def data_root(tmp_path_factory):
     """tiny Shakespeare, prepared from the copy in the repository."""
     from nanogpt.prepare import prepare_shakespeare_char
     root = tmp_path_factory.mktemp("data")
+    (root / "shakespeare_char").mkdir()
+    shutil.copyfile(os.path.join(ROOT, "data", "shakespeare_char", "input.txt"), root / "shakespeare_char" / "input.txt")
     prepare_shakespeare_char(str(root / "shakespeare_char"))
     return root
 

@@ -7,6 +7,7 @@ nh heads, hs head size, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -149,7 +150,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
             return logits, loss
         if last_only:
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the last position
@@ -181,6 +182,10 @@ class GPT(nn.Module):
         tokens are re-run from position 0, which is what the uncached path does, so both give the
         same tokens. temperature=0 is greedy; vocab_limit masks padded vocabulary entries.
         """
+        with _generation_attention(idx.device.type):
+            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_limit, generator)
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_limit, generator):
         bs = self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
@@ -248,6 +253,15 @@ class GPT(nn.Module):
         if missing:
             raise ValueError("%s lacks weights: %s" % (folder, ", ".join(sorted(missing)[:5])))
         return model
+
+
+def _generation_attention(device_type: str):
+    """Generation changes the attention shape at every token. cuDNN's attention builds a plan per
+    new shape (tens of ms each), so leave it out here and let flash / memory-efficient run."""
+    if device_type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
