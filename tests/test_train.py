@@ -25,17 +25,6 @@ TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_emb
         "--learning_rate=3e-3", "--min_lr=3e-4", "--dataset=shakespeare_char"]
 
 
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    """tiny Shakespeare, prepared from the copy in the repository."""
-    from nanogpt.prepare import prepare_shakespeare_char
-    root = tmp_path_factory.mktemp("data")
-    (root / "shakespeare_char").mkdir()
-    shutil.copyfile(os.path.join(ROOT, "data", "shakespeare_char", "input.txt"), root / "shakespeare_char" / "input.txt")
-    prepare_shakespeare_char(str(root / "shakespeare_char"))
-    return root
-
-
 def tiny(data_root, out_dir, *extra):
     return TINY + ["--data_root=%s" % data_root, "--out_dir=%s" % out_dir] + list(extra)
 

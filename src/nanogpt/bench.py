@@ -15,7 +15,7 @@ import torch
 from . import runtime
 from .config import BenchConfig, UserError, load_config
 from .model import GPT, GPTConfig
-from .optim import build_optimizer
+from .optim import build_optimizer, optimizer_state_bytes
 
 
 def measure_matmul_peak(device: str, dtype: str, n: int = 8192, reps: int = 20) -> float:
@@ -71,8 +71,10 @@ def bench(argv: list[str]) -> dict:
     gconf = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                       n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     model = GPT(gconf).to(device)
-    optimizer = build_optimizer(model, "adamw", cfg.learning_rate, cfg.weight_decay, (0.9, 0.95), device_type)
-    flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (0.9, 0.95), device_type,
+                                state_dtype=cfg.optimizer_state_dtype, in_backward=cfg.optimizer_in_backward, seed=cfg.seed)
+    flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     model = runtime.compile_model(model, cfg.compile, device_type)
     ctx = runtime.autocast(device_type, dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -81,10 +83,11 @@ def bench(argv: list[str]) -> dict:
              source, cfg.compile))
 
     def step():
-        X, Y = get_batch()
-        with ctx:
-            _, loss = model(X, Y)
-        scaler.scale(loss).backward()
+        for _ in range(cfg.gradient_accumulation_steps):
+            X, Y = get_batch()
+            with ctx:
+                _, loss = model(X, Y)
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -116,9 +119,10 @@ def bench(argv: list[str]) -> dict:
         prof.stop()
         print("profiler trace written to %s" % cfg.profile_dir)
 
-    tokens = cfg.batch_size * cfg.block_size
+    tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     result = {"ms_per_iter": dt * 1000, "tokens_per_s": tokens / dt, "warmup_s": warmup_s, "loss": lossf,
-              "peak_memory_gib": runtime.max_memory_allocated(device_type) / 2**30}
+              "peak_memory_gib": runtime.max_memory_allocated(device_type) / 2**30,
+              "optimizer_state_gib": optimizer_state_bytes(optimizer) / 2**30}
     line = "%.2f ms/iter, %s tokens/s, loss %.4f, warm-up %.1f s" % (
         result["ms_per_iter"], f"{result['tokens_per_s']:,.0f}", lossf, warmup_s)
     peak = runtime.peak_flops(device, dtype, cfg.peak_flops)
@@ -130,9 +134,14 @@ def bench(argv: list[str]) -> dict:
         result["measured_peak"] = measured
         result["mfu_measured"] = flops_per_iter / dt / measured
         line += ", MFU %.1f%% of the measured matmul peak %.0f TFLOP/s" % (100 * result["mfu_measured"], measured / 1e12)
+    line += ", optimizer state %.2f GiB" % result["optimizer_state_gib"]
     if result["peak_memory_gib"]:
         line += ", peak memory %.2f GiB" % result["peak_memory_gib"]
     print(line)
+    if cfg.json_out:
+        import json
+        with open(cfg.json_out, "w") as f:
+            json.dump({**result, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}, f)
     return result
 
 

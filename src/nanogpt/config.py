@@ -61,12 +61,16 @@ class TrainConfig:
     vocab_size: int = _f(0, "Vocabulary size; 0 takes it from the dataset's meta.json, or 50304 (GPT-2's 50257 padded) without one.")
     vocab_multiple: int = _f(1, "Round the vocabulary up to a multiple of this (64 helps GPU matmuls); padded ids are never sampled.")
     # optimizer
-    optimizer: str = _f("adamw", "Optimizer: 'adamw'.")
+    optimizer: str = _f("adamw", "Optimizer: 'adamw' (8 bytes of state per parameter), 'striped_adamw' (Adam's first moment, factored second moment: about 4), 'adafactor' (torch's, no momentum: about 0).")
+    optimizer_state_dtype: str = _f("float32", "Dtype of striped_adamw's first moment: 'float32' or 'bfloat16' (stochastic rounding, half the bytes).")
+    optimizer_in_backward: bool = _f(False, "Step each parameter inside backward as soon as its gradient is ready and free it: no full set of gradients is held. Needs gradient_accumulation_steps=1, grad_clip=0, one process, no float16.")
+    activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward instead of storing them: less memory, about a third more compute.")
     learning_rate: float = _f(6e-4, "Peak learning rate.")
     max_iters: int = _f(600000, "Total optimizer steps.")
     weight_decay: float = _f(1e-1, "Decoupled weight decay, applied to parameters with 2 or more dimensions only.")
     beta1: float = _f(0.9, "Adam beta1.")
     beta2: float = _f(0.95, "Adam beta2.")
+    eps: float = _f(1e-8, "Adam epsilon, added outside the square root.")
     grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0.0 disables clipping.")
     # learning-rate schedule
     decay_lr: bool = _f(True, "Cosine decay of the learning rate after a linear warmup; False keeps it constant.")
@@ -133,8 +137,13 @@ class BenchConfig:
     real_data: bool = _f(True, "Read batches from data_root/dataset when it exists; otherwise random tokens.")
     dataset: str = _f("openwebtext", "Dataset for real_data.")
     data_root: str = _f("data", "Folder that holds the dataset folders.")
-    learning_rate: float = _f(6e-4, "AdamW learning rate used in the timed steps.")
-    weight_decay: float = _f(1e-1, "AdamW weight decay.")
+    learning_rate: float = _f(6e-4, "Learning rate used in the timed steps.")
+    weight_decay: float = _f(1e-1, "Weight decay.")
+    optimizer: str = _f("adamw", "'adamw', 'striped_adamw' or 'adafactor'.")
+    optimizer_state_dtype: str = _f("float32", "striped_adamw's first-moment dtype: 'float32' or 'bfloat16'.")
+    optimizer_in_backward: bool = _f(False, "Step each parameter inside backward (no full gradient buffer).")
+    activation_checkpointing: bool = _f(False, "Recompute block activations in backward.")
+    gradient_accumulation_steps: int = _f(1, "Micro-steps per timed step (must be 1 with optimizer_in_backward).")
     warmup_steps: int = _f(10, "Untimed steps first (compilation, allocator warm-up).")
     steps: int = _f(20, "Timed steps.")
     seed: int = _f(1337, "Random seed.")
@@ -145,9 +154,15 @@ class BenchConfig:
     profile_dir: str = _f("bench_log", "Where the profiler trace goes.")
     peak_flops: float = _f(0.0, "Peak FLOP/s of one device for MFU; 0 looks the GPU up in a table.")
     measure_peak: bool = _f(False, "Also time a large matrix product in the chosen dtype and report MFU against it.")
+    json_out: str = _f("", "Also write the results as JSON to this file.")
 
     def validate(self) -> None:
-        _check_positive(self, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "steps")
+        _check_positive(self, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "steps",
+                        "gradient_accumulation_steps")
+        _check_choice(self, "optimizer", OPTIMIZERS)
+        _check_choice(self, "optimizer_state_dtype", ("float32", "bfloat16"))
+        if self.optimizer_in_backward and self.gradient_accumulation_steps != 1:
+            raise ConfigError("optimizer_in_backward=True needs gradient_accumulation_steps=1")
         if self.warmup_steps < 0:
             raise ConfigError("warmup_steps must be >= 0; got %r" % self.warmup_steps)
         if self.n_embd % self.n_head:
@@ -156,7 +171,7 @@ class BenchConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "striped_adamw", "adafactor")
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -213,6 +228,18 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError("gradient_accumulation_steps (%d) must be divisible by the number of processes (%d)"
                           % (cfg.gradient_accumulation_steps, world_size))
+    _check_choice(cfg, "optimizer_state_dtype", ("float32", "bfloat16"))
+    if cfg.optimizer_state_dtype == "bfloat16" and cfg.optimizer != "striped_adamw":
+        raise ConfigError("optimizer_state_dtype='bfloat16' works with optimizer='striped_adamw' only; got optimizer=%r" % cfg.optimizer)
+    if cfg.eps <= 0:
+        raise ConfigError("eps must be > 0; got %r" % cfg.eps)
+    if cfg.optimizer_in_backward:
+        for bad, why in ((cfg.gradient_accumulation_steps != 1, "gradient_accumulation_steps=1 (gradients are consumed as they arrive)"),
+                         (cfg.grad_clip > 0, "grad_clip=0 (clipping needs every gradient at once)"),
+                         (world_size > 1, "a single process (DDP reduces gradients after backward)"),
+                         (cfg.dtype == "float16", "dtype other than float16 (the loss scaler needs every gradient at once)")):
+            if bad:
+                raise ConfigError("optimizer_in_backward=True needs %s" % why)
     if cfg.wandb_log and not cfg.wandb_project:
         raise ConfigError("wandb_project must be set when wandb_log=True")
 

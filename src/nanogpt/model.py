@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -116,6 +117,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.activation_checkpointing = False  # a training choice, not part of the architecture
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -144,7 +146,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)  # recomputed in backward
+            else:
+                x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)

@@ -173,11 +173,19 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     model.to(device)
     log("model: %.2fM parameters (%s)" % (model.num_params() / 1e6, ", ".join("%s=%s" % kv for kv in asdict(gconf).items())))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                device_type, eps=cfg.eps, state_dtype=cfg.optimizer_state_dtype,
+                                in_backward=cfg.optimizer_in_backward, seed=cfg.seed)
     log(describe(param_groups(model, cfg.weight_decay)))
 
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
+        prev = ckpt.get("config") or {}
+        for k in ("optimizer", "optimizer_in_backward", "optimizer_state_dtype"):
+            if k in prev and prev[k] != getattr(cfg, k) and "optimizer" in ckpt:
+                raise checkpoint.CheckpointError("the checkpoint in %s was trained with %s=%r, not %r; pass --%s=%r to resume it"
+                                                 % (cfg.out_dir, k, prev[k], getattr(cfg, k), k, prev[k]))
         if "optimizer" in ckpt:
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
@@ -288,7 +296,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                         loss = loss / accum  # the mean over micro-steps, not their sum
                     scaler.scale(loss).backward()
             grad_norm = None
-            if cfg.grad_clip > 0 or log_step:
+            if (cfg.grad_clip > 0 or log_step) and not cfg.optimizer_in_backward:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             scaler.step(optimizer)
@@ -304,13 +312,14 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                 now = time.time()
                 dt = (now - t_last) / iters_since
                 t_last, iters_since = now, 0
+                gn = grad_norm.item() if grad_norm is not None else float("nan")  # nan: freed in backward
                 line = "iter %d: loss %.4f, lr %.3e, grad norm %.3f, %.2f ms/iter, %s tok/s" % (
-                    iter_num, lossf, lr, grad_norm.item(), dt * 1000, f"{tokens_per_iter / dt:,.0f}")
+                    iter_num, lossf, lr, gn, dt * 1000, f"{tokens_per_iter / dt:,.0f}")
                 if peak:
                     line += ", mfu %.1f%%" % (100 * flops_per_iter / dt / (peak * dinfo.world_size))
                 log(line)
                 if wandb:
-                    wandb.log({"iter": iter_num, "train/loss_step": lossf, "lr": lr, "grad_norm": grad_norm.item()})
+                    wandb.log({"iter": iter_num, "train/loss_step": lossf, "lr": lr, "grad_norm": gn})
             iter_num += 1
 
             stopping = stop.signal is not None

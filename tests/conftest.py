@@ -1,0 +1,22 @@
+"""Shared fixtures."""
+
+import os
+import shutil
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """tiny Shakespeare, prepared from the copy in the repository."""
+    from nanogpt.prepare import prepare_shakespeare_char
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "shakespeare_char").mkdir()
+    shutil.copyfile(os.path.join(ROOT, "data", "shakespeare_char", "input.txt"), root / "shakespeare_char" / "input.txt")
+    prepare_shakespeare_char(str(root / "shakespeare_char"))
+    return root
+
+
