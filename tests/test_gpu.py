@@ -50,3 +50,21 @@ def test_fp16_with_grad_scaler():
         scaler.update()
         opt.zero_grad(set_to_none=True)
     assert torch.isfinite(loss)
+
+
+def test_striped_adamw_on_cuda_matches_cpu():
+    from nanogpt.optim import StripedAdamW
+    torch.manual_seed(0)
+    p_cpu = torch.nn.Parameter(torch.randn(3, 64, 32))
+    p_gpu = torch.nn.Parameter(p_cpu.detach().cuda())
+    o_cpu, o_gpu = StripedAdamW([p_cpu], lr=1e-2, weight_decay=0.1), StripedAdamW([p_gpu], lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        g = torch.randn(3, 64, 32)
+        p_cpu.grad, p_gpu.grad = g.clone(), g.cuda()
+        o_cpu.step()
+        o_gpu.step()
+    torch.testing.assert_close(p_gpu.detach().cpu(), p_cpu.detach(), rtol=1e-5, atol=1e-6)
+    o_bf = StripedAdamW([p_gpu], lr=1e-2, state_dtype=torch.bfloat16)
+    p_gpu.grad = torch.randn_like(p_gpu)
+    o_bf.step()
+    assert o_bf.state[p_gpu]["exp_avg"].dtype == torch.bfloat16 and torch.isfinite(p_gpu).all()
