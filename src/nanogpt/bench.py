@@ -77,7 +77,7 @@ def bench(argv: list[str]) -> dict:
                                 state_dtype=cfg.optimizer_state_dtype, in_backward=cfg.optimizer_in_backward, seed=cfg.seed)
     flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     model = runtime.compile_model(model, cfg.compile, device_type)
-    ctx = runtime.autocast(device_type, dtype)
+    ctx = runtime.autocast(device_type, dtype, cache=not cfg.activation_checkpointing)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     print("bench: %.1fM parameters, batch %dx%d, %s, %s, %s, compile=%s"
           % (sum(p.numel() for p in model.parameters()) / 1e6, cfg.batch_size, cfg.block_size, device, dtype,

@@ -106,22 +106,24 @@ class StripedAdamW(torch.optim.Optimizer):
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         st["step"] += 1
         t = st["step"]
-        g = p.grad.float()
+        g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
         if wd:
             p.mul_(1 - lr * wd)
-        m = st["exp_avg"].float() if st["exp_avg"].dtype != torch.float32 else st["exp_avg"]
+        m = st["exp_avg"] if st["exp_avg"].dtype == torch.float32 else st["exp_avg"].float()
         m.mul_(b1).add_(g, alpha=1 - b1)
-        g2 = g * g
+        # temporaries of full size are kept to one (v), so a huge embedding needs little headroom
         if p.dim() >= 2:
             r, c = st["row"], st["col"]
+            g2 = g.square()
             r.mul_(b2).add_(g2.mean(dim=-1), alpha=1 - b2)  # (..., rows)
             c.mul_(b2).add_(g2.mean(dim=-2), alpha=1 - b2)  # (..., cols)
-            v = r.unsqueeze(-1) * c.unsqueeze(-2) / r.mean(dim=-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
+            del g2
+            v = (r / r.mean(dim=-1, keepdim=True).clamp_min(1e-30)).unsqueeze(-1) * c.unsqueeze(-2)
+            v.div_(1 - b2 ** t)
         else:
-            v = st["exp_avg_sq"].mul_(b2).add_(g2, alpha=1 - b2)
-        denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-        update = (m / (1 - b1 ** t)).div_(denom)
-        p.add_(update.to(p.dtype), alpha=-lr)
+            v = st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2) / (1 - b2 ** t)
+        v.sqrt_().add_(eps)  # the denominator, in place
+        p.addcdiv_(m, v, value=-lr / (1 - b1 ** t))
         if st["exp_avg"].dtype == torch.bfloat16:
             gen = torch.Generator(device=p.device).manual_seed(self.seed * 1000003 + int(t) * 7919 + p.numel())
             st["exp_avg"].copy_(stochastic_round_bf16(m, gen))

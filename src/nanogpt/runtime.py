@@ -68,11 +68,13 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def autocast(device_type: str, dtype: str):
-    """Mixed precision context: a no-op for float32."""
+def autocast(device_type: str, dtype: str, cache: bool = True):
+    """Mixed precision context: a no-op for float32. ``cache=False`` re-casts weights at each
+    use instead of holding a low-precision copy of every weight until the forward pass ends
+    (worth it with activation checkpointing, where nothing else holds those copies)."""
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=PTDTYPE[dtype])
+    return torch.autocast(device_type=device_type, dtype=PTDTYPE[dtype], cache_enabled=cache)
 
 
 def setup_backends(device_type: str) -> None:

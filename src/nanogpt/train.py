@@ -211,7 +211,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     if dinfo.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dinfo.local_rank] if device_type == "cuda" else None)
-    ctx = runtime.autocast(device_type, dtype)
+    ctx = runtime.autocast(device_type, dtype, cache=not cfg.activation_checkpointing)
 
     wandb = None
     if cfg.wandb_log and master:
