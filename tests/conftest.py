@@ -20,3 +20,14 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def data_mirror():
+    """The offline data mirror (``shared/data`` beside the repository, or $NANOGPT_DATA_MIRROR);
+    tests that need it are skipped without it."""
+    from pathlib import Path
+
+    env = os.environ.get("NANOGPT_DATA_MIRROR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (path / "tiktoken-cache").is_dir():
+        pytest.skip("no data mirror at %s" % path)
+    return path

@@ -248,3 +248,23 @@ def test_shakespeare_char_val_loss_within_two_percent_of_adamw(data_root, tmp_pa
     striped = train(run + ["--out_dir=%s" % (tmp_path / "s"), "--optimizer=striped_adamw"])["last_val_loss"]
     assert adamw < 2.8  # both actually learned
     assert abs(striped - adamw) / adamw < 0.02, (striped, adamw)
+
+
+def test_finetune_config_with_striped_adamw(tmp_path):
+    """config/finetune_shakespeare.py as shipped, on a small local GPT-2 folder instead of gpt2-xl."""
+    transformers = pytest.importorskip("transformers")
+    import os
+    import numpy as np
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = tmp_path / "data" / "shakespeare"
+    data.mkdir(parents=True)
+    ids = np.random.default_rng(0).integers(0, 50257, 5000).astype(np.uint16)
+    ids.tofile(data / "train.bin")
+    ids[:1000].tofile(data / "val.bin")
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
+    s = train([os.path.join(root, "config", "finetune_shakespeare.py"), "--optimizer=striped_adamw", "--device=cpu",
+               "--compile=False", "--init_from=%s" % (tmp_path / "hf"), "--data_root=%s" % (tmp_path / "data"),
+               "--out_dir=%s" % (tmp_path / "out"), "--gradient_accumulation_steps=4", "--max_iters=4",
+               "--eval_iters=2", "--eval_interval=2"])
+    assert s["iters"] == 4 and s["best_val_loss"] < 11.5

@@ -1,17 +1,15 @@
-"""Prepare data/openwebtext: `python data/openwebtext/prepare.py [--mirror=DIR] [--out_dir=DIR]`
-(see `--help`; the code is nanogpt.prepare)."""
+"""Prepare OpenWebText in GPT-2 BPE into this folder (needs `pip install datasets`):
+`python data/openwebtext/prepare.py [options]` (`--help` lists them; the code is nanogpt.prepare).
+With `--source=PATH_OR_HF_NAME` it prepares another corpus the same way."""
 import os
 import sys
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 try:
     from nanogpt.prepare import main
-except ImportError:  # a plain clone without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
     from nanogpt.prepare import main
 
 if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    args = sys.argv[1:]
-    if not any(a.startswith("--out_dir") for a in args):
-        args = ["--out_dir", here] + args
-    main(args, default_name="openwebtext")
+    main(name="openwebtext", out_dir=HERE)

@@ -1,17 +1,14 @@
-"""Prepare data/shakespeare: `python data/shakespeare/prepare.py [--mirror=DIR] [--out_dir=DIR]`
-(see `--help`; the code is nanogpt.prepare)."""
+"""Prepare tiny Shakespeare in GPT-2 BPE into this folder:
+`python data/shakespeare/prepare.py [options]` (`--help` lists them; the code is nanogpt.prepare)."""
 import os
 import sys
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 try:
     from nanogpt.prepare import main
-except ImportError:  # a plain clone without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
     from nanogpt.prepare import main
 
 if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    args = sys.argv[1:]
-    if not any(a.startswith("--out_dir") for a in args):
-        args = ["--out_dir", here] + args
-    main(args, default_name="shakespeare")
+    main(name="shakespeare", out_dir=HERE)

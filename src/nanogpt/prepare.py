@@ -1,25 +1,39 @@
-"""Dataset preparation: checked downloads, tokenisation, token files and meta.json.
+"""Dataset preparation: checked downloads, tokenization, token files and ``meta.json``.
 
-    nanogpt prepare shakespeare_char            # characters, uint16, 90/10 split
-    nanogpt prepare shakespeare                 # GPT-2 BPE
-    nanogpt prepare openwebtext                 # Hugging Face dataset (needs `datasets`)
+    nanogpt prepare shakespeare_char           # tiny Shakespeare, one token per character
+    nanogpt prepare shakespeare                # tiny Shakespeare, GPT-2 BPE
+    nanogpt prepare openwebtext                # OpenWebText from the Hugging Face hub (needs `datasets`)
     nanogpt prepare corpus --source=PATH_OR_HF_NAME --out_dir=data/mine
 
-Every dataset folder gets ``train.bin`` and ``val.bin`` (raw token ids) and ``meta.json``
-(vocab_size, dtype, token counts, and the character table for char-level data).
+(``python data/<name>/prepare.py [options]`` does the same into that folder.)
+
+Every dataset folder gets ``train.bin`` and ``val.bin``, the token ids as raw unsigned integers
+(uint16 when the vocabulary fits in 65,536 ids, else uint32), and ``meta.json`` with
+``vocab_size``, ``dtype``, ``tokenizer``, the token counts, the largest id, and for character
+data the ``stoi`` / ``itos`` tables. Files are written under a temporary name and renamed into
+place, so an interrupted run never leaves a half-written file that looks finished.
+
+Downloads are checked by sha256. Offline, point ``--mirror`` or ``NANOGPT_DATA_MIRROR`` at a
+folder holding the same files (``tinyshakespeare/input.txt``, and ``tiktoken-cache/`` for the
+GPT-2 BPE files).
+
+BPE datasets follow GPT-2's training format: the ``<|endoftext|>`` token (50256) closes every
+document, so the model sees where one text ends and the next begins. Tiny Shakespeare counts as
+one document per split; each of its two files ends with that token.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import io
 import json
 import os
 import pickle
-import random
 import shutil
 import sys
+import tempfile
 import urllib.request
 
 import numpy as np
@@ -28,16 +42,26 @@ from .config import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-OPENWEBTEXT_HF = "Skylion007/openwebtext"
-EOT = 50256  # GPT-2's <|endoftext|>
+SHAKESPEARE_MIRROR_PATH = "tinyshakespeare/input.txt"
+OPENWEBTEXT_HF = "Skylion007/openwebtext"  # parquet files on the hub: loads without a dataset script
+GPT2_EOT = 50256  # <|endoftext|>
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json")
+PIECE_CHARS = 1 << 20  # long documents are tokenized in pieces of about this many characters
+BATCH_CHARS = 1 << 20  # a worker gets about this much text per task
+BATCH_ITEMS = 4096  # and at most this many pieces
 
 
 class PrepareError(UserError):
-    pass
+    """A data preparation problem the user can fix; the message is one actionable line."""
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
-# downloads
+# checked downloads
 
 
 def sha256_of(path: str) -> str:
@@ -49,39 +73,57 @@ def sha256_of(path: str) -> str:
 
 
 def mirror_dir(mirror: str | None = None) -> str | None:
-    """The local mirror folder: the argument, else $NANOGPT_DATA_MIRROR."""
+    """The local mirror folder: the argument, else $NANOGPT_DATA_MIRROR, else None."""
     return mirror or os.environ.get("NANOGPT_DATA_MIRROR") or None
 
 
 def fetch(url: str, dest: str, sha256: str, mirror_relpath: str, mirror: str | None = None) -> str:
-    """Make ``dest`` hold the file at ``url`` with the given sha256: keep it if it is already
-    right, else copy it from the mirror, else download it. Never leaves a partial file."""
+    """Make ``dest`` hold the file published at ``url``, whose sha256 is ``sha256``.
+
+    An existing ``dest`` with that hash is kept. Otherwise the file is copied from
+    ``<mirror>/<mirror_relpath>`` when a mirror is configured (``mirror`` or
+    $NANOGPT_DATA_MIRROR) and holds it, else downloaded. The copy goes to a temporary file beside
+    ``dest``, is checked, and only then renamed into place: a failure leaves no file behind
+    (and an existing ``dest`` untouched). Returns ``dest``.
+    """
+    name = os.path.basename(dest)
     if os.path.isfile(dest):
         got = sha256_of(dest)
         if got == sha256:
             return dest
-        raise PrepareError("%s exists but its sha256 is %s, not %s; delete it to fetch a fresh copy" % (dest, got, sha256))
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = dest + ".tmp%d" % os.getpid()
+        _log("%s has sha256 %s, not the expected %s: fetching a fresh copy" % (dest, got[:16], sha256[:16]))
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
     mdir = mirror_dir(mirror)
+    mirror_file = os.path.join(mdir, mirror_relpath) if mdir else None
+    fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
     try:
-        if mdir:
-            src = os.path.join(mdir, mirror_relpath)
-            if not os.path.isfile(src):
-                raise PrepareError("mirror %s has no %s; fix --mirror / NANOGPT_DATA_MIRROR or unset it to download" % (mdir, mirror_relpath))
-            shutil.copyfile(src, tmp)
-            origin = src
-        else:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                    shutil.copyfileobj(r, f)
-            except OSError as e:
-                raise PrepareError("download of %s failed (%s); offline, set NANOGPT_DATA_MIRROR to a folder holding %s"
-                                   % (url, getattr(e, "reason", e), mirror_relpath)) from None
-            origin = url
+        with os.fdopen(fd, "wb") as out:
+            if mirror_file and os.path.isfile(mirror_file):
+                origin = mirror_file
+                with open(mirror_file, "rb") as f:
+                    shutil.copyfileobj(f, out)
+            else:
+                origin = url
+                if mirror_file:
+                    _log("mirror %s has no %s: downloading %s" % (mdir, mirror_relpath, url))
+                else:
+                    _log("downloading %s" % url)
+                try:
+                    with urllib.request.urlopen(url, timeout=60) as r:
+                        shutil.copyfileobj(r, out)
+                except (OSError, ValueError, http.client.HTTPException) as e:
+                    reason = getattr(e, "reason", None) or e
+                    where = "no mirror holds it" if not mirror_file else "mirror %s lacks it too" % mdir
+                    raise PrepareError("download of %s failed (%s) and %s; offline, set NANOGPT_DATA_MIRROR or --mirror "
+                                       "to a folder with %s" % (url, reason, where, mirror_relpath)) from None
         got = sha256_of(tmp)
         if got != sha256:
-            raise PrepareError("%s from %s has sha256 %s, expected %s; the source is damaged or changed" % (os.path.basename(dest), origin, got, sha256))
+            if origin == url:
+                todo = "retry, or put a good copy at %s" % dest
+            else:
+                todo = "replace the mirror's copy, or unset NANOGPT_DATA_MIRROR/--mirror to download it"
+            raise PrepareError("%s from %s has sha256 %s, expected %s; %s" % (name, origin, got, sha256, todo))
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -89,203 +131,477 @@ def fetch(url: str, dest: str, sha256: str, mirror_relpath: str, mirror: str | N
     return dest
 
 
-def shakespeare_text(out_dir: str, mirror: str | None = None) -> str:
-    """tiny Shakespeare: out_dir/input.txt, reusing the char dataset's copy when it is right."""
+def shakespeare_input(out_dir: str, mirror: str | None = None) -> str:
+    """The path of tiny Shakespeare's ``input.txt`` in ``out_dir``, fetched when missing (from a
+    correct copy in the sibling ``shakespeare_char`` folder when there is one, else via
+    :func:`fetch`). An ``input.txt`` that is not tiny Shakespeare is kept and used as given, as
+    nanoGPT users put their own text there; a note says so."""
     dest = os.path.join(out_dir, "input.txt")
-    sibling = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "shakespeare_char", "input.txt")
-    if not os.path.isfile(dest) and os.path.isfile(sibling) and sha256_of(sibling) == SHAKESPEARE_SHA256:
-        os.makedirs(out_dir, exist_ok=True)
-        shutil.copyfile(sibling, dest)
-    fetch(SHAKESPEARE_URL, dest, SHAKESPEARE_SHA256, "tinyshakespeare/input.txt", mirror)
-    with open(dest, encoding="utf-8") as f:
-        return f.read()
+    if os.path.isfile(dest):
+        got = sha256_of(dest)
+        if got != SHAKESPEARE_SHA256:
+            _log("note: %s is not tiny Shakespeare (sha256 %s...): preparing it as given; delete it to get "
+                 "tiny Shakespeare" % (dest, got[:16]))
+        return dest
+    sibling = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "shakespeare_char")
+    sibling_file = os.path.join(sibling, "input.txt")
+    if (os.path.abspath(sibling_file) != os.path.abspath(dest) and os.path.isfile(sibling_file)
+            and sha256_of(sibling_file) == SHAKESPEARE_SHA256):
+        return fetch(SHAKESPEARE_URL, dest, SHAKESPEARE_SHA256, "input.txt", mirror=sibling)
+    return fetch(SHAKESPEARE_URL, dest, SHAKESPEARE_SHA256, SHAKESPEARE_MIRROR_PATH, mirror)
 
 
 # --------------------------------------------------------------------------------------------
-# writing token files
+# writing
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def write_tokens(path: str, ids: np.ndarray) -> None:
+    """Write raw ids to ``path`` through a temporary file and a rename."""
     tmp = path + ".tmp"
-    ids.tofile(tmp)
-    os.replace(tmp, path)
+    try:
+        ids.tofile(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_meta(out_dir: str, meta: dict) -> None:
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=1)
+        f.write("\n")
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
 
 
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 65536 else "uint32"
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise PrepareError("%s is not UTF-8 text (byte %d); convert it to UTF-8" % (path, e.start)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# tiny Shakespeare
 
 
 def prepare_shakespeare_char(out_dir: str = "data/shakespeare_char", mirror: str | None = None) -> dict:
-    text = shakespeare_text(out_dir, mirror)
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    """Tiny Shakespeare at character level, as nanoGPT does it: ids are the positions of the
+    characters in the sorted list of distinct characters; the first 90% of the text is
+    ``train.bin``, the rest ``val.bin``. Returns the meta dict written to ``meta.json``."""
+    path = shakespeare_input(out_dir, mirror)
+    text = _read_text(path)
+    if len(text) < 2:
+        raise PrepareError("%s holds %d character(s); it needs at least 2 for a train and a val part" % (path, len(text)))
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    uniq, ids = np.unique(codes, return_inverse=True)  # sorted code points == sorted(set(text))
+    chars = [chr(c) for c in uniq.tolist()]
+    dtype = token_dtype(len(chars))
+    ids = ids.reshape(-1).astype(dtype)
     n = int(0.9 * len(ids))
     write_tokens(os.path.join(out_dir, "train.bin"), ids[:n])
     write_tokens(os.path.join(out_dir, "val.bin"), ids[n:])
-    meta = {"vocab_size": len(chars), "dtype": "uint16", "tokenizer": "char", "train_tokens": n,
-            "val_tokens": len(ids) - n, "max_token_id": len(chars) - 1,
-            "stoi": stoi, "itos": {str(i): c for i, c in enumerate(chars)}}
+    meta = {"vocab_size": len(chars), "dtype": dtype.name, "tokenizer": "char",
+            "train_tokens": n, "val_tokens": len(ids) - n, "max_token_id": len(chars) - 1,
+            "stoi": {c: i for i, c in enumerate(chars)}, "itos": {str(i): c for i, c in enumerate(chars)}}
     write_meta(out_dir, meta)
-    print("%s: vocab %d, train %s tokens, val %s tokens" % (out_dir, len(chars), f"{n:,}", f"{len(ids) - n:,}"))
+    _log("%s: %s characters, vocab %d; train %s tokens, val %s tokens"
+         % (out_dir, f"{len(ids):,}", len(chars), f"{n:,}", f"{len(ids) - n:,}"))
     return meta
 
 
 def prepare_shakespeare(out_dir: str = "data/shakespeare", mirror: str | None = None) -> dict:
-    """GPT-2 BPE; each split ends with <|endoftext|>, as each document did in GPT-2's training."""
+    """Tiny Shakespeare in GPT-2 BPE: the text is split 90/10 by characters, each part is encoded
+    with ``encode_ordinary`` and closed by ``<|endoftext|>`` (so 301,967 train and 36,060 val
+    tokens: nanoGPT's counts plus one each). Returns the meta dict written to ``meta.json``."""
     from .tokenizer import get_gpt2_encoding
-    text = shakespeare_text(out_dir, mirror)
+
     enc = get_gpt2_encoding(mirror)
+    text = _read_text(shakespeare_input(out_dir, mirror))
     n = int(0.9 * len(text))
-    splits = {"train": text[:n], "val": text[n:]}
-    counts = {}
-    for split, part in splits.items():
-        ids = np.array(enc.encode_ordinary(part) + [EOT], dtype=np.uint16)
-        write_tokens(os.path.join(out_dir, "%s.bin" % split), ids)
+    dtype = token_dtype(enc.n_vocab)
+    counts, top = {}, 0
+    for split, part in (("train", text[:n]), ("val", text[n:])):
+        ids = np.array(enc.encode_ordinary(part) + [enc.eot_token], dtype=dtype)
+        write_tokens(os.path.join(out_dir, split + ".bin"), ids)
         counts[split] = len(ids)
-    meta = {"vocab_size": enc.n_vocab, "dtype": "uint16", "tokenizer": "gpt2", "train_tokens": counts["train"],
-            "val_tokens": counts["val"], "max_token_id": EOT}
+        top = max(top, int(ids.max()))
+    meta = {"vocab_size": enc.n_vocab, "dtype": dtype.name, "tokenizer": "gpt2",
+            "train_tokens": counts["train"], "val_tokens": counts["val"], "max_token_id": top,
+            "eot_token": enc.eot_token}
     write_meta(out_dir, meta)
-    print("%s: GPT-2 BPE, train %s tokens, val %s tokens" % (out_dir, f"{counts['train']:,}", f"{counts['val']:,}"))
+    _log("%s: GPT-2 BPE; train %s tokens, val %s tokens (each ending with <|endoftext|>)"
+         % (out_dir, f"{counts['train']:,}", f"{counts['val']:,}"))
     return meta
 
 
 # --------------------------------------------------------------------------------------------
-# any corpus
+# any corpus: documents
 
 
-def list_documents(source: str, text_field: str = "text", hf_split: str = "train"):
-    """(count, iterator factory) over documents: local .txt/.jsonl/.json files or folders, or a
-    Hugging Face dataset name."""
-    if os.path.exists(source):
-        files = [source] if os.path.isfile(source) else sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs if f.endswith((".txt", ".jsonl", ".json")))
-        if not files:
-            raise PrepareError("no .txt, .jsonl or .json files under %s" % source)
-        docs = []  # (file, line number or -1): documents are read again by the workers' feeder
-        for path in files:
-            if path.endswith(".txt"):
-                docs.append((path, -1))
-            else:
-                with open(path, encoding="utf-8") as f:
-                    docs.extend((path, i) for i, line in enumerate(f) if line.strip())
-        return docs, lambda order: _local_docs(docs, order, text_field)
+def _safe_cut(text: str, lo: int, hi: int) -> int:
+    """The largest index ``i`` in (lo + 1, hi] just after a lone newline (``text[i-1]`` is a
+    newline with non-space characters on both sides), or 0. GPT-2's pre-tokenizer always ends a
+    piece there and starts a new one, so encoding the two sides separately gives the same tokens
+    as encoding the whole. (Python's ``isspace`` covers every character the tokenizer counts as
+    whitespace, so the test errs on the safe side.)"""
+    end = min(hi, len(text) - 1)
+    while True:
+        i = text.rfind("\n", lo + 1, end)
+        if i < 1:
+            return 0
+        if not text[i + 1].isspace() and not text[i - 1].isspace():
+            return i + 1
+        end = i
+
+
+def _text_pieces(text: str, size: int):
+    """``text`` in pieces of about ``size`` characters (more when no safe place is near), cut
+    only where tokenization is unaffected."""
+    start = 0
+    while len(text) - start > size:
+        cut = _safe_cut(text, start, start + size)
+        probe = start + size
+        while not cut and probe < len(text):  # no safe place in this window: look further on
+            cut = _safe_cut(text, probe - 1, probe + size)
+            probe += size
+        if not cut:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _file_pieces(path: str, size: int):
+    """A .txt file's text in pieces of about ``size`` characters, read a block at a time (a
+    large file never sits in memory whole), cut only where tokenization is unaffected."""
+    held, before = [], ""  # text read but not yielded yet; the character before this block
     try:
-        import datasets
-    except ImportError:
-        raise PrepareError("%r is not a local path, and loading it from the Hugging Face hub needs `datasets`: pip install 'nanogpt[datasets]'" % source) from None
-    ds = datasets.load_dataset(source, split=hf_split)
-    if text_field not in ds.column_names:
-        raise PrepareError("dataset %s has no %r column (columns: %s); pass --text_field" % (source, text_field, ", ".join(ds.column_names)))
-    return list(range(len(ds))), lambda order: (ds[int(i)][text_field] for i in order)
+        with open(path, encoding="utf-8") as f:
+            for block in iter(lambda: f.read(size), ""):
+                view = before + block
+                cut = _safe_cut(view, 0, len(view)) - len(before)
+                if cut > 0:
+                    held.append(block[:cut])
+                    yield "".join(held)
+                    held = [block[cut:]]
+                else:
+                    held.append(block)
+                before = block[-1:]
+    except UnicodeDecodeError as e:
+        raise PrepareError("%s is not UTF-8 text (%s); convert it to UTF-8" % (path, e.reason)) from None
+    yield "".join(held)
 
 
-def _local_docs(docs, order, text_field):
-    cache_path, lines = None, None
-    for i in order:
-        path, line_no = docs[i]
-        if line_no < 0:
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
-            continue
-        if path != cache_path:  # jsonl files are read once per run of consecutive documents
-            with open(path, encoding="utf-8") as f:
-                lines = f.readlines()
-            cache_path = path
+def _mark_last(items):
+    """(item, is it the last one?) for each item of a non-empty iterable."""
+    it = iter(items)
+    prev = next(it)
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+class _LocalDocuments:
+    """Documents from local files: each .txt file is one document; each non-blank line of a
+    .jsonl file (or .json file of JSON lines, or holding one JSON array) is one, its text in
+    ``text_field``. A folder is scanned recursively (hidden entries skipped), in sorted order."""
+
+    def __init__(self, source: str, text_field: str):
+        self.source, self.text_field = source, text_field
+        if os.path.isfile(source):
+            if not source.endswith(TEXT_SUFFIXES + JSON_SUFFIXES):
+                raise PrepareError("%s: unsupported file type; use .txt (one document per file) or .jsonl/.json "
+                                   "(one JSON object per line)" % source)
+            self.files = [source]
+        else:
+            files = []
+            for d, dirs, names in os.walk(source):
+                dirs[:] = [x for x in dirs if not x.startswith(".")]
+                files += [os.path.join(d, x) for x in names
+                          if not x.startswith(".") and x.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)]
+            if not files:
+                raise PrepareError("no .txt, .jsonl or .json files under %s" % source)
+            self.files = sorted(files)
+        self.count = sum(1 if p.endswith(TEXT_SUFFIXES) else self._count_json(p) for p in self.files)
+
+    @staticmethod
+    def _is_array(path: str) -> bool:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return head.startswith(b"[")
+
+    def _count_json(self, path: str) -> int:
+        if self._is_array(path):
+            return len(self._load_array(path))
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+
+    @staticmethod
+    def _load_array(path: str) -> list:
         try:
-            row = json.loads(lines[line_no])
-        except json.JSONDecodeError as e:
-            raise PrepareError("%s line %d is not valid JSON (%s)" % (path, line_no + 1, e.msg)) from None
-        if not isinstance(row, dict) or text_field not in row:
-            raise PrepareError("%s line %d has no %r field; pass --text_field" % (path, line_no + 1, text_field))
-        yield row[text_field]
+            with open(path, encoding="utf-8-sig") as f:
+                rows = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PrepareError("%s is not a valid JSON array (%s)" % (path, e)) from None
+        if not isinstance(rows, list):
+            raise PrepareError("%s holds a JSON %s, not a list of objects" % (path, type(rows).__name__))
+        return rows
+
+    def _field(self, row, where: str) -> str:
+        if not isinstance(row, dict) or self.text_field not in row:
+            raise PrepareError("%s has no %r field; pass --text_field" % (where, self.text_field))
+        text = row[self.text_field]
+        if not isinstance(text, str):
+            raise PrepareError("%s: field %r is %s, not a string" % (where, self.text_field, type(text).__name__))
+        return text
+
+    def _rows(self, path: str):
+        if self._is_array(path):
+            for i, row in enumerate(self._load_array(path)):
+                yield "%s item %d" % (path, i), row
+            return
+        with open(path, encoding="utf-8-sig") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrepareError("%s line %d is not valid JSON (%s)" % (path, i + 1, e.msg)) from None
+                yield "%s line %d" % (path, i + 1), row
+
+    def pieces(self, size: int):
+        """(document index, text piece, last piece of the document?) in document order."""
+        index = 0
+        for path in self.files:
+            if path.endswith(TEXT_SUFFIXES):
+                for piece, last in _mark_last(_file_pieces(path, size)):
+                    yield index, piece, last
+                index += 1
+                continue
+            for where, row in self._rows(path):
+                for piece, last in _mark_last(_text_pieces(self._field(row, where), size)):
+                    yield index, piece, last
+                index += 1
 
 
-_ENC = None
+class _HubDocuments:
+    """Documents from a Hugging Face dataset (the optional ``datasets`` package), read in order."""
+
+    def __init__(self, name: str, text_field: str, split: str, num_proc: int):
+        try:
+            import datasets
+        except ImportError:
+            raise PrepareError("%r is not a local file or folder, and reading it from the Hugging Face hub needs the "
+                               "datasets package: pip install datasets" % name) from None
+        kwargs = {"num_proc": num_proc} if num_proc > 1 else {}
+        try:
+            ds = datasets.load_dataset(name, split=split, **kwargs)
+        except Exception as e:  # the hub, the network and the files can all fail in many ways
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise PrepareError("%r is not a local file or folder, and loading it as Hugging Face dataset (split %r) "
+                               "failed: %s" % (name, split, first)) from None
+        if not hasattr(ds, "column_names") or not hasattr(ds, "__len__"):
+            raise PrepareError("Hugging Face dataset %r split %r did not load as one table" % (name, split))
+        if text_field not in ds.column_names:
+            raise PrepareError("Hugging Face dataset %r has no %r column (columns: %s); pass --text_field"
+                               % (name, text_field, ", ".join(ds.column_names)))
+        self.ds = ds.remove_columns([c for c in ds.column_names if c != text_field])
+        self.text_field = text_field
+        self.count = len(ds)
+
+    def pieces(self, size: int):
+        index = 0
+        for batch in self.ds.iter(batch_size=1000):
+            for text in batch[self.text_field]:
+                for piece, last in _mark_last(_text_pieces(text or "", size)):
+                    yield index, piece, last
+                index += 1
 
 
-def _encode_doc(text: str) -> np.ndarray:
-    global _ENC
-    if _ENC is None:
-        from .tokenizer import get_gpt2_encoding
-        _ENC = get_gpt2_encoding()
-    ids = _ENC.encode_ordinary(text)
-    ids.append(EOT)
-    return np.array(ids, dtype=np.uint32)
+def open_documents(source: str, text_field: str = "text", hf_split: str = "train", num_proc: int = 1):
+    """The documents of ``source``: a local file or folder when that path exists, else a Hugging
+    Face dataset name. The result has ``count`` and ``pieces(size)``."""
+    if os.path.exists(source):
+        return _LocalDocuments(source, text_field)
+    return _HubDocuments(source, text_field, hf_split, num_proc)
+
+
+# --------------------------------------------------------------------------------------------
+# any corpus: tokenization
+
+_WORKER: dict = {}
+
+
+def _init_worker(encoding: str, dtype: str, eot: int | None) -> None:
+    from .tokenizer import get_encoding
+    _WORKER.update(enc=get_encoding(encoding), dtype=np.dtype(dtype), eot=eot)
+
+
+def _batches(tasks, max_chars: int, max_items: int):
+    """Groups of consecutive tasks holding about ``max_chars`` characters of text."""
+    batch, chars = [], 0
+    for task in tasks:
+        batch.append(task)
+        chars += len(task[1])
+        if chars >= max_chars or len(batch) >= max_items:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_batch(batch):
+    """A worker's unit of work: [(is_val, text, last)] -> ([(is_val, last)], lengths, all ids)."""
+    enc, eot = _WORKER["enc"], _WORKER["eot"]
+    ids, lengths = [], []
+    for _, text, last in batch:
+        piece = enc.encode_ordinary(text)
+        if last and eot is not None:
+            piece.append(eot)
+        ids.extend(piece)
+        lengths.append(len(piece))
+    return [(v, last) for v, _, last in batch], lengths, np.array(ids, dtype=_WORKER["dtype"])
+
+
+class _ChunkedWriter:
+    """Appends arrays to an open binary file, a chunk of about ``chunk_tokens`` at a time."""
+
+    def __init__(self, f, chunk_tokens: int):
+        self.f, self.chunk_tokens = f, max(1, chunk_tokens)
+        self.parts, self.held, self.total, self.top = [], 0, 0, -1
+
+    def add(self, ids: np.ndarray) -> None:
+        if len(ids):
+            self.parts.append(ids)
+            self.held += len(ids)
+            if self.held >= self.chunk_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            chunk = np.concatenate(self.parts)
+            self.top = max(self.top, int(chunk.max()))
+            self.f.write(chunk.tobytes())
+            self.total += len(chunk)
+            self.parts, self.held = [], 0
+
+
+def _consume(results, writers, bar) -> None:
+    for flags, lengths, ids in results:
+        offset, done = 0, 0
+        for (is_val, last), k in zip(flags, lengths):
+            writers[is_val].add(ids[offset:offset + k])
+            offset += k
+            done += last
+        bar.update(done)
 
 
 def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_fraction: float = 0.0005,
                    num_proc: int | None = None, hf_split: str = "train", seed: int = 2357,
+                   chunk_tokens: int = 1 << 22, append_eot: bool = True, encoding: str = "gpt2",
                    mirror: str | None = None) -> dict:
-    """Tokenise any corpus with GPT-2 BPE (one <|endoftext|> after each document) into
-    train.bin / val.bin, holding out a seeded random share of documents for validation."""
+    """Tokenize any corpus into ``out_dir``/train.bin, val.bin and meta.json.
+
+    ``source`` is a local .txt / .jsonl / .json file, a folder of them (scanned recursively,
+    sorted), or a Hugging Face dataset name (``datasets.load_dataset(source, split=hf_split)``).
+    A seeded shuffle of the document indices picks ``val_fraction`` of the documents (at least
+    one when there are two or more) for val.bin; a corpus of one document is split by tokens
+    instead, its last 10% (or ``val_fraction`` if larger) going to val.bin. Each document is
+    encoded with ``encode_ordinary`` of the tiktoken ``encoding`` and followed by its
+    end-of-text token when ``append_eot``. ``num_proc`` processes (default: min(8, CPUs)) do
+    the work in order, so the files do not depend on their number. Memory stays bounded: long
+    documents are cut into pieces where tokenization allows it, and tokens go to disk in
+    chunks of ``chunk_tokens``. Returns the meta dict written to ``meta.json``.
+    """
     from tqdm import tqdm
-    from .tokenizer import get_gpt2_encoding
+
+    from .tokenizer import get_encoding
+
     if not 0.0 <= val_fraction < 1.0:
         raise PrepareError("val_fraction must be in [0, 1); got %r" % val_fraction)
-    enc = get_gpt2_encoding(mirror)  # fail early (and set up the cache path for the workers)
-    docs, read = list_documents(source, text_field, hf_split)
-    n = len(docs)
+    num_proc = int(num_proc or min(8, os.cpu_count() or 1))
+    if num_proc < 1:
+        raise PrepareError("num_proc must be at least 1; got %d" % num_proc)
+    enc = get_encoding(encoding, mirror)  # fails early; also sets the cache folder the workers inherit
+    dtype = token_dtype(enc.n_vocab)
+    eot = enc.eot_token if append_eot else None
+    docs = open_documents(source, text_field, hf_split, num_proc)
+    n = docs.count
     if n == 0:
         raise PrepareError("%s holds no documents" % source)
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_val = min(n - 1, max(1 if n >= 2 else 0, round(n * val_fraction)))
-    splits = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
-    dtype = np.dtype(token_dtype(enc.n_vocab))
-    num_proc = max(1, num_proc or min(8, os.cpu_count() or 1))
+    is_val = np.zeros(n, dtype=bool)
+    n_val = 0
+    if n >= 2:
+        n_val = min(n - 1, max(1, round(n * val_fraction)))
+        is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+
     os.makedirs(out_dir, exist_ok=True)
-    counts, top = {}, 0
-    for split in ("train", "val"):
-        path = os.path.join(out_dir, "%s.bin" % split)
-        tmp = path + ".tmp"
-        total = 0
-        with open(tmp, "wb") as f, tqdm(total=len(splits[split]), desc="tokenizing %s" % split, unit="doc") as bar:
-            texts = read(splits[split])
-            if num_proc > 1:
-                import multiprocessing as mp
-                with mp.get_context("spawn").Pool(num_proc) as pool:
-                    pieces = pool.imap(_encode_doc, texts, chunksize=16)
-                    total, top = _write_pieces(pieces, f, dtype, bar, total, top)
+    paths = {split: os.path.join(out_dir, split + ".bin") for split in ("train", "val")}
+    tmps = {split: p + ".tmp" for split, p in paths.items()}
+    tasks = ((bool(is_val[i]), text, last) for i, text, last in docs.pieces(PIECE_CHARS))
+    batches = _batches(tasks, BATCH_CHARS, BATCH_ITEMS)
+    try:
+        with open(tmps["train"], "wb") as ft, open(tmps["val"], "wb") as fv, \
+                tqdm(total=n, desc="tokenizing", unit="doc", dynamic_ncols=True) as bar:
+            writers = {False: _ChunkedWriter(ft, chunk_tokens), True: _ChunkedWriter(fv, chunk_tokens)}
+            initargs = (encoding, dtype.name, eot)
+            if num_proc == 1:
+                _init_worker(*initargs)
+                _consume(map(_encode_batch, batches), writers, bar)
             else:
-                total, top = _write_pieces(map(_encode_doc, texts), f, dtype, bar, total, top)
-        os.replace(tmp, path)
-        counts[split] = total
-    meta = {"vocab_size": enc.n_vocab, "dtype": dtype.name, "tokenizer": "gpt2", "train_tokens": counts["train"],
-            "val_tokens": counts["val"], "max_token_id": int(top),
-            "documents": {"train": len(splits["train"]), "val": len(splits["val"])}, "source": source}
+                import multiprocessing
+
+                # spawn: fresh workers that share no threads or locks with this process
+                with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, initargs) as pool:
+                    _consume(pool.imap(_encode_batch, batches), writers, bar)
+            for w in writers.values():
+                w.flush()
+        counts = {"train": writers[False].total, "val": writers[True].total}
+        top = max(writers[False].top, writers[True].top)
+        split_by = "documents"
+        if n == 1:  # one document: its last tokens become the validation data
+            split_by = "tokens"
+            counts = _split_tail(tmps["train"], tmps["val"], dtype, max(val_fraction, 0.1))
+        for split in ("train", "val"):
+            os.replace(tmps[split], paths[split])
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    meta = {"vocab_size": enc.n_vocab, "dtype": dtype.name, "tokenizer": encoding,
+            "train_tokens": counts["train"], "val_tokens": counts["val"], "max_token_id": int(top),
+            "eot_token": eot, "documents": {"train": n - n_val, "val": n_val}, "val_split_by": split_by,
+            "source": source, "seed": seed}
     write_meta(out_dir, meta)
-    print("%s: %s documents, train %s tokens, val %s tokens (%s)" % (out_dir, f"{n:,}", f"{counts['train']:,}",
-                                                                     f"{counts['val']:,}", dtype.name))
+    _log("%s: %s documents (%s in val), %s; train %s tokens, val %s tokens"
+         % (out_dir, f"{n:,}", f"{n_val:,}", dtype.name, f"{counts['train']:,}", f"{counts['val']:,}"))
+    if counts["val"] == 0 or counts["train"] == 0:
+        _log("warning: %s is empty; add more text" % ("val.bin" if counts["val"] == 0 else "train.bin"))
     return meta
 
 
-def _write_pieces(pieces, f, dtype, bar, total, top, flush_tokens: int = 1 << 22):
-    """Append token arrays to an open file in chunks of about flush_tokens: bounded memory."""
-    buf, held = [], 0
-    for ids in pieces:
-        buf.append(ids)
-        held += len(ids)
-        bar.update(1)
-        if held >= flush_tokens:
-            chunk = np.concatenate(buf)
-            top = max(top, int(chunk.max()))
-            f.write(chunk.astype(dtype).tobytes())
-            total += len(chunk)
-            buf, held = [], 0
-    if buf:
-        chunk = np.concatenate(buf)
-        top = max(top, int(chunk.max()))
-        f.write(chunk.astype(dtype).tobytes())
-        total += len(chunk)
-    return total, top
+def _split_tail(train_tmp: str, val_tmp: str, dtype: np.dtype, share: float) -> dict:
+    """Move the last ``share`` of the tokens in ``train_tmp`` to ``val_tmp`` (on disk, in place)."""
+    total = os.path.getsize(train_tmp) // dtype.itemsize
+    keep = total - max(1, int(total * share)) if total >= 2 else total
+    if keep < total:
+        mm = np.memmap(train_tmp, dtype=dtype, mode="r")
+        with open(val_tmp, "wb") as f:
+            for start in range(keep, total, 1 << 22):
+                f.write(np.asarray(mm[start:min(total, start + (1 << 22))]).tobytes())
+        del mm
+        os.truncate(train_tmp, keep * dtype.itemsize)
+    return {"train": keep, "val": total - keep}
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,34 +609,48 @@ def _write_pieces(pieces, f, dtype, bar, total, top, flush_tokens: int = 1 << 22
 
 
 class _PlainUnpickler(pickle.Unpickler):
-    """nanoGPT's meta.pkl holds only dicts, strings and ints, which need no classes; anything
-    that asks for a class is refused instead of imported."""
+    """nanoGPT's meta.pkl holds only dicts, strings and ints, which unpickle without looking up
+    any class or function; every such lookup is refused, so nothing can be imported or run."""
 
     def find_class(self, module, name):
-        raise PrepareError("meta.pkl asks for %s.%s: refusing to unpickle anything but plain dicts, strings and numbers"
-                           % (module, name))
+        raise PrepareError("meta.pkl asks for %s.%s: refusing to unpickle anything but plain dicts, lists, "
+                           "strings and numbers; re-create it, or write a meta.json" % (module, name))
 
 
 def load_meta(data_dir: str) -> dict | None:
-    """meta.json (or a legacy meta.pkl) of a dataset folder, or None when there is neither."""
+    """The meta dict of a dataset folder, from ``meta.json`` or else a legacy nanoGPT
+    ``meta.pkl`` (read without running or importing anything); None when it has neither.
+    ``itos`` keys are ints; ``dtype`` defaults to ``"uint16"``."""
     path = os.path.join(data_dir, "meta.json")
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
                 meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise PrepareError("%s is not valid JSON (%s); re-run the dataset's prepare.py" % (path, e.msg)) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PrepareError("%s is not valid JSON (%s); prepare the dataset again" % (path, e)) from None
     else:
         path = os.path.join(data_dir, "meta.pkl")
         if not os.path.isfile(path):
             return None
         with open(path, "rb") as f:
-            meta = _PlainUnpickler(io.BytesIO(f.read())).load()
-        if not isinstance(meta, dict):
-            raise PrepareError("%s does not hold a dict" % path)
-    if "itos" in meta:
-        meta["itos"] = {int(k): v for k, v in meta["itos"].items()}
+            data = f.read()
+        try:
+            meta = _PlainUnpickler(io.BytesIO(data)).load()
+        except PrepareError:
+            raise
+        except Exception as e:  # truncated or foreign data: pickle raises many kinds
+            raise PrepareError("%s cannot be read (%s: %s); prepare the dataset again"
+                               % (path, type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")) from None
+    if not isinstance(meta, dict):
+        raise PrepareError("%s holds a %s, not a dict; prepare the dataset again" % (path, type(meta).__name__))
+    if isinstance(meta.get("itos"), dict):
+        try:
+            meta["itos"] = {int(k): v for k, v in meta["itos"].items()}
+        except (TypeError, ValueError):
+            raise PrepareError("%s: 'itos' keys must be integers" % path) from None
     meta.setdefault("dtype", "uint16")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise PrepareError("%s: dtype %r is not uint16 or uint32" % (path, meta["dtype"]))
     return meta
 
 
@@ -330,31 +660,44 @@ def load_meta(data_dir: str) -> dict | None:
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext", "corpus")
 
 
-def main(argv: list[str] | None = None, default_name: str | None = None) -> None:
-    p = argparse.ArgumentParser(prog="nanogpt prepare", description="Prepare a dataset into train.bin / val.bin / meta.json.")
-    if default_name is None:
-        p.add_argument("name", choices=DATASETS)
-    p.add_argument("--out_dir", help="output folder (default data/<name>)")
-    p.add_argument("--mirror", help="local folder mirroring the downloads (default $NANOGPT_DATA_MIRROR)")
-    p.add_argument("--source", help="corpus: a .txt/.jsonl file or folder, or a Hugging Face dataset name")
-    p.add_argument("--text_field", default="text", help="JSON field / dataset column holding the text")
-    p.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out for val.bin")
-    p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: min(8, CPUs))")
-    p.add_argument("--split", default="train", help="Hugging Face dataset split to read")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    name = default_name or args.name
-    out_dir = args.out_dir or os.path.join("data", name)
+def _parser(name: str | None) -> argparse.ArgumentParser:
+    prog = "nanogpt prepare" if name is None else "python data/%s/prepare.py" % name
+    p = argparse.ArgumentParser(prog=prog, description="Prepare a dataset: train.bin, val.bin and meta.json.")
+    if name is None:
+        p.add_argument("name", choices=DATASETS, help="which dataset")
+    p.add_argument("--out_dir", help="output folder (default: %s)" % ("data/<name>" if name is None else "this folder"))
+    p.add_argument("--mirror", help="local folder mirroring the downloads (default: $NANOGPT_DATA_MIRROR)")
+    if name in (None, "openwebtext", "corpus"):
+        p.add_argument("--source", help="a .txt/.jsonl/.json file or folder, or a Hugging Face dataset name "
+                                        "(openwebtext default: %s)" % OPENWEBTEXT_HF)
+        p.add_argument("--text_field", default="text", help="JSON field / dataset column with the text (default: text)")
+        p.add_argument("--val_fraction", type=float, default=0.0005,
+                       help="share of documents held out for val.bin (default: 0.0005)")
+        p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: min(8, CPUs))")
+        p.add_argument("--split", "--hf_split", dest="split", default="train",
+                       help="Hugging Face split to read (default: train)")
+        p.add_argument("--seed", type=int, default=2357, help="seed of the train/val document shuffle (default: 2357)")
+    return p
+
+
+def main(argv: list[str] | None = None, name: str | None = None, out_dir: str | None = None) -> None:
+    """``nanogpt prepare NAME [options]``; with ``name`` given (the per-dataset scripts) the
+    positional argument is left out and ``out_dir`` is the default output folder."""
+    args = _parser(name).parse_args(sys.argv[1:] if argv is None else argv)
+    name = name or args.name
+    out = args.out_dir or out_dir or os.path.join("data", name)
     try:
-        if name == "shakespeare_char":
-            prepare_shakespeare_char(out_dir, args.mirror)
-        elif name == "shakespeare":
-            prepare_shakespeare(out_dir, args.mirror)
+        if name in ("shakespeare_char", "shakespeare"):
+            if getattr(args, "source", None):
+                raise PrepareError("--source is for openwebtext and corpus; %s always reads tiny Shakespeare" % name)
+            (prepare_shakespeare_char if name == "shakespeare_char" else prepare_shakespeare)(out, args.mirror)
         else:
             source = args.source or (OPENWEBTEXT_HF if name == "openwebtext" else None)
             if not source:
-                raise PrepareError("corpus needs --source=PATH (a .txt/.jsonl file or folder) or a Hugging Face dataset name")
-            prepare_corpus(out_dir, source, text_field=args.text_field, val_fraction=args.val_fraction,
-                           num_proc=args.num_proc, hf_split=args.split, mirror=args.mirror)
+                raise PrepareError("corpus needs --source=PATH (a .txt/.jsonl/.json file or a folder of them) "
+                                   "or --source=HF_DATASET_NAME")
+            prepare_corpus(out, source, text_field=args.text_field, val_fraction=args.val_fraction,
+                           num_proc=args.num_proc, hf_split=args.split, seed=args.seed, mirror=args.mirror)
     except UserError as e:
         print("error: %s" % e, file=sys.stderr)
         sys.exit(2)
