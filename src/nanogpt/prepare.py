@@ -583,8 +583,9 @@ def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_f
             "eot_token": eot, "documents": {"train": n - n_val, "val": n_val}, "val_split_by": split_by,
             "source": source, "seed": seed}
     write_meta(out_dir, meta)
-    _log("%s: %s documents (%s in val), %s; train %s tokens, val %s tokens"
-         % (out_dir, f"{n:,}", f"{n_val:,}", dtype.name, f"{counts['train']:,}", f"{counts['val']:,}"))
+    held_out = "%s in val" % f"{n_val:,}" if split_by == "documents" else "its last tokens in val"
+    _log("%s: %s document%s (%s), %s; train %s tokens, val %s tokens" % (
+        out_dir, f"{n:,}", "" if n == 1 else "s", held_out, dtype.name, f"{counts['train']:,}", f"{counts['val']:,}"))
     if counts["val"] == 0 or counts["train"] == 0:
         _log("warning: %s is empty; add more text" % ("val.bin" if counts["val"] == 0 else "train.bin"))
     return meta
