@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, dist, runtime
 from .config import ConfigError, TrainConfig, UserError, load_config, validate_train
-from .data import BatchLoader, DataError, dataset_dir
+from .data import BatchLoader, DataError, dataset_dir, prepare_hint
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, describe, param_groups
 
@@ -140,9 +140,6 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     if master:
         check_writable(cfg.out_dir)
     accum = cfg.gradient_accumulation_steps // dinfo.world_size
-    tokens_per_iter = accum * dinfo.world_size * cfg.batch_size * cfg.block_size
-    log("tokens per iteration: %s (%d processes x %d micro-steps x %d x %d)"
-        % (f"{tokens_per_iter:,}", dinfo.world_size, accum, cfg.batch_size, cfg.block_size))
 
     seed = cfg.seed + dinfo.rank
     random.seed(seed)
@@ -152,12 +149,14 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     from .prepare import load_meta  # preparation code is only needed for its meta reader
     data_dir = dataset_dir(cfg.data_root, cfg.dataset)
     if not os.path.isdir(data_dir):
-        from .data import prepare_hint
         raise DataError("dataset %r not found at %s; %s" % (cfg.dataset, data_dir, prepare_hint(cfg.dataset)))
     meta = load_meta(data_dir)
 
     model, ckpt = build_model(cfg, explicit, meta, log)
     gconf = model.config
+    tokens_per_iter = accum * dinfo.world_size * cfg.batch_size * gconf.block_size
+    log("tokens per iteration: %s (%d processes x %d micro-steps x %d x %d)"
+        % (f"{tokens_per_iter:,}", dinfo.world_size, accum, cfg.batch_size, gconf.block_size))
     if meta and meta.get("max_token_id") is not None and meta["max_token_id"] >= gconf.vocab_size:
         raise DataError("dataset %r holds token id %d but the model's vocab_size is %d; use a matching dataset or --vocab_size"
                         % (cfg.dataset, meta["max_token_id"], gconf.vocab_size))
