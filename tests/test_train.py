@@ -3,11 +3,9 @@ and bad input gets one clear line."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest

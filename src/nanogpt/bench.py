@@ -7,13 +7,12 @@ default), on real data when the dataset is prepared, else random tokens.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
 
 from . import runtime
-from .config import BenchConfig, UserError, load_config
+from .config import BenchConfig, load_config, run_cli
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, optimizer_state_bytes
 
@@ -34,12 +33,7 @@ def measure_matmul_peak(device: str, dtype: str, n: int = 8192, reps: int = 20) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        bench(argv)
-    except UserError as e:
-        print("error: %s" % e, file=sys.stderr)
-        sys.exit(2)
+    run_cli(bench, argv)
 
 
 def bench(argv: list[str]) -> dict:

@@ -84,3 +84,16 @@ def set_rng_state(state: dict) -> None:
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def load_model(path: str, dropout: float = 0.0):
+    """The model stored in a training checkpoint, and the checkpoint itself."""
+    from .model import GPT, GPTConfig
+    ckpt = load(path)
+    margs = dict(ckpt["model_args"], dropout=dropout)
+    model = GPT(GPTConfig(**margs))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError("weights in %s do not fit the model: %s" % (path, str(e).splitlines()[0])) from None
+    return model, ckpt

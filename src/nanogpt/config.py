@@ -20,6 +20,16 @@ class UserError(Exception):
     """A problem the user can fix; the CLI prints its one-line message and exits with status 2."""
 
 
+def run_cli(fn, argv: list[str] | None) -> None:
+    """Run a command; a UserError becomes one line on stderr and exit status 2."""
+    import sys
+    try:
+        fn(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print("error: %s" % e, file=sys.stderr)
+        sys.exit(2)
+
+
 class ConfigError(UserError, ValueError):
     """A configuration problem; the message is one line that names the key."""
 

@@ -9,22 +9,14 @@ import time
 import torch
 
 from . import checkpoint, runtime
-from .config import ConfigError, SampleConfig, UserError, load_config
-from .model import GPT, GPTConfig
+from .config import ConfigError, SampleConfig, UserError, load_config, run_cli
+from .model import GPT
 
 
 def load_model(init_from: str, out_dir: str) -> tuple[GPT, dict | None]:
     """A model for inference and the dataset name it was trained on (None for GPT-2 weights)."""
     if init_from == "resume":
-        path = os.path.join(out_dir, "ckpt.pt")
-        ckpt = checkpoint.load(path)
-        margs = dict(ckpt["model_args"])
-        margs["dropout"] = 0.0
-        model = GPT(GPTConfig(**margs))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise checkpoint.CheckpointError("weights in %s do not fit the model: %s" % (path, str(e).splitlines()[0])) from None
+        model, ckpt = checkpoint.load_model(os.path.join(out_dir, "ckpt.pt"))
         return model, ckpt.get("config") or {}
     try:
         return GPT.from_pretrained(init_from, dropout=0.0), None
@@ -58,12 +50,7 @@ def read_start(start: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        sample(argv)
-    except UserError as e:
-        print("error: %s" % e, file=sys.stderr)
-        sys.exit(2)
+    run_cli(sample, argv)
 
 
 def sample(argv: list[str]) -> list[str]:

@@ -10,7 +10,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, dist, runtime
-from .config import ConfigError, TrainConfig, UserError, load_config, validate_train
+from .config import ConfigError, TrainConfig, UserError, load_config, run_cli, validate_train
 from .data import BatchLoader, DataError, dataset_dir, prepare_hint
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, describe, param_groups
@@ -88,17 +87,12 @@ def build_model(cfg: TrainConfig, explicit: set, meta: dict | None, log) -> tupl
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = checkpoint.load(path)
-        margs = dict(ckpt["model_args"])
+        margs = ckpt["model_args"]
         for k in ARCH_KEYS:
             if k in explicit and getattr(cfg, k) != margs[k] and not (k == "vocab_size" and getattr(cfg, k) == 0):
                 raise ConfigError("%s=%r disagrees with the checkpoint in %s (%s=%r); drop the override or train into a new --out_dir"
                                   % (k, getattr(cfg, k), cfg.out_dir, k, margs[k]))
-        margs["dropout"] = cfg.dropout
-        model = GPT(GPTConfig(**margs))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise checkpoint.CheckpointError("weights in %s do not fit the model: %s" % (path, str(e).splitlines()[0])) from None
+        model, ckpt = checkpoint.load_model(path, dropout=cfg.dropout)
         return model, ckpt
     log("initialising from GPT-2 weights: %s" % cfg.init_from)
     try:
@@ -111,12 +105,7 @@ def build_model(cfg: TrainConfig, explicit: set, meta: dict | None, log) -> tupl
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        train(argv)
-    except UserError as e:
-        print("error: %s" % e, file=sys.stderr)
-        sys.exit(2)
+    run_cli(train, argv)
 
 
 def train(argv: list[str]) -> dict:
