@@ -226,3 +226,5 @@ def test_cli_train_then_sample(data_root, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("JULIET:"), r.stderr
     r = run_cli(["sample.py", "--out_dir=%s" % tmp_path, "--device=cpu", "--start=FILE:/no/such/prompt.txt"])
     assert_one_line_error(r, "/no/such/prompt.txt", "does not exist")
+    r = run_cli(["sample.py", "--out_dir=%s" % tmp_path, "--device=cpu", "--start=a{b", "--data_root=%s" % data_root])
+    assert_one_line_error(r, "outside the dataset's 65-character vocabulary", "'{'")

@@ -24,18 +24,17 @@ def load_model(init_from: str, out_dir: str) -> tuple[GPT, dict | None]:
         raise UserError("cannot load %s: %s" % (init_from, e)) from None
 
 
-def tokenizer_for(train_config: dict | None, data_root: str, log=print):
+def tokenizer_for(train_config: dict | None, data_root: str):
     """The character vocabulary of the training data when it has one, else GPT-2 BPE."""
     from .prepare import load_meta
     from .tokenizer import load_tokenizer
     meta = None
     if train_config and train_config.get("dataset"):
-        root = train_config.get("data_root") or data_root
-        folder = os.path.join(root, train_config["dataset"])
-        if os.path.isdir(folder):
-            meta = load_meta(folder)
-    if meta and "stoi" in meta:
-        log("using the character vocabulary of %s" % train_config["dataset"])
+        for root in (data_root, train_config.get("data_root")):  # --data_root first, then training's
+            folder = os.path.join(root or "", train_config["dataset"])
+            if root and os.path.isdir(folder):
+                meta = load_meta(folder)
+                break
     return load_tokenizer(meta), (meta or {}).get("vocab_size")
 
 
@@ -67,7 +66,7 @@ def sample(argv: list[str]) -> list[str]:
 
     model, train_config = load_model(cfg.init_from, cfg.out_dir)
     model.eval().to(device)
-    tok, vocab_limit = tokenizer_for(train_config, cfg.data_root, log=lambda m: print(m, file=sys.stderr))
+    tok, vocab_limit = tokenizer_for(train_config, cfg.data_root)
     if cfg.compile:
         why = runtime.compile_blocker(device_type)
         if why:
@@ -75,10 +74,7 @@ def sample(argv: list[str]) -> list[str]:
         else:  # compile the forward pass that generate() calls; positions vary, so dynamic shapes
             model.forward = torch.compile(model.forward, dynamic=True)
 
-    try:
-        ids = tok.encode(prompt)
-    except KeyError as e:
-        raise ConfigError("start contains a character outside the model's vocabulary: %s" % e) from None
+    ids = tok.encode(prompt)  # a character outside a char vocabulary is a one-line TokenizerError
     if not ids:
         raise ConfigError("start is empty after tokenisation; give at least one token of prompt")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
@@ -95,8 +91,9 @@ def sample(argv: list[str]) -> list[str]:
             print("---------------")
     runtime.synchronize(device_type)
     dt = time.time() - t0
-    print("%d samples x %d tokens in %.2f s (%.0f tokens/s)"
-          % (cfg.num_samples, cfg.max_new_tokens, dt, cfg.num_samples * cfg.max_new_tokens / dt), file=sys.stderr)
+    vocab = "characters of %s" % train_config["dataset"] if hasattr(tok, "stoi") else "GPT-2 BPE"
+    print("%d samples x %d tokens in %.2f s (%.0f tokens/s, %s)"
+          % (cfg.num_samples, cfg.max_new_tokens, dt, cfg.num_samples * cfg.max_new_tokens / dt, vocab), file=sys.stderr)
     return outputs
 
 

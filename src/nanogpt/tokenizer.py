@@ -87,9 +87,6 @@ class BPETokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
-GPT2Tokenizer = BPETokenizer
-
-
 def load_tokenizer(meta: dict | None):
     """The dataset's character table when its meta has one, else the BPE encoding its meta names
     (``"tokenizer"``), else GPT-2 BPE."""
