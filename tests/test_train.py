@@ -64,8 +64,10 @@ def test_checkpoint_contents(data_root, tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain types only
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert ckpt["iter_num"] == 4 and ckpt["config"]["n_layer"] == 2 and ckpt["model_args"]["vocab_size"] == 65
-    assert {"python", "numpy", "torch", "loader"} <= set(ckpt["rng"])
-    assert "state" in ckpt["optimizer"]
+    assert "optimizer" not in ckpt and "rng" not in ckpt  # weights only: what sampling and export read
+    opt = torch.load(tmp_path / "ckpt.optim.pt", weights_only=True)
+    assert {"python", "numpy", "torch", "loader"} <= set(opt["rng"])
+    assert "state" in opt["optimizer"] and opt["save_id"] == ckpt["save_id"] and opt["iter_num"] == 4
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 

@@ -51,6 +51,16 @@ class TrainConfig:
     eval_iters: int = _f(200, "Batches per split for each loss estimate.")
     eval_only: bool = _f(False, "Evaluate once and exit (no training).")
     always_save_checkpoint: bool = _f(True, "Save at every evaluation, not only when val loss improves; also save on Ctrl-C/SIGTERM.")
+    keep_last_k: int = _f(0, "Also keep the last k checkpoints as ckpt_{iter}.pt (hard links where possible), pruning older ones; 0 keeps only ckpt.pt.")
+    tensorboard_log: bool = _f(False, "Also write the logged metrics as TensorBoard events into out_dir/tensorboard (needs the tensorboard package).")
+    # evaluation tasks and health of a run
+    eval_tasks: str = _f("", "Evaluations run at every eval_interval besides train/val loss, e.g. 'hellaswag=path/val.jsonl,lambada=path/test.jsonl,ppl=path/text.txt' (see eval.py).")
+    eval_tasks_limit: int = _f(0, "Examples per evaluation task at each eval_interval (0 = all).")
+    log_layer_stats: bool = _f(False, "At log steps, also record per-layer gradient norm, weight norm and update/weight ratio in metrics.jsonl.")
+    loss_spike_factor: float = _f(3.0, "Report a loss spike when a logged loss exceeds this factor times its running mean (0 disables).")
+    # batch-size schedule
+    batch_size_ramp_tokens: int = _f(0, "Grow tokens per step linearly over this many training tokens, from batch_size_ramp_start up to the full batch, by raising the micro-steps per step (0 = no ramp). The learning-rate schedule is unchanged.")
+    batch_size_ramp_start: int = _f(0, "Tokens per step at the start of the ramp (rounded up to whole micro-steps; at least one micro-step per process).")
     init_from: str = _f("scratch", "'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging Face folder.")
     # wandb
     wandb_log: bool = _f(False, "Log to Weights & Biases (wandb is imported only when this is on).")
@@ -252,6 +262,13 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
                 raise ConfigError("optimizer_in_backward=True needs %s" % why)
     if cfg.wandb_log and not cfg.wandb_project:
         raise ConfigError("wandb_project must be set when wandb_log=True")
+    for k in ("keep_last_k", "eval_tasks_limit", "batch_size_ramp_tokens", "batch_size_ramp_start"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError("%s must be >= 0; got %r" % (k, getattr(cfg, k)))
+    if cfg.loss_spike_factor and cfg.loss_spike_factor <= 1:
+        raise ConfigError("loss_spike_factor must be > 1 (or 0 to disable); got %r" % cfg.loss_spike_factor)
+    if cfg.batch_size_ramp_tokens and cfg.optimizer_in_backward:
+        raise ConfigError("batch_size_ramp_tokens needs gradient accumulation, which optimizer_in_backward=True cannot do; set one of them off")
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,3 +69,11 @@ def any_rank(flag: bool, info: DistInfo, device: str) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def max_over_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise maximum of ``x`` over all ranks (a copy; ``x`` is left as it was)."""
+    x = x.clone()
+    if info.enabled:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x

@@ -19,6 +19,7 @@ import torch
 
 from . import checkpoint, dist, runtime
 from .config import ConfigError, TrainConfig, UserError, load_config, run_cli, validate_train
+from .metrics import MetricsLog
 from .data import BatchLoader, DataError, dataset_dir, prepare_hint
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, describe, param_groups
@@ -167,32 +168,34 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                                 in_backward=cfg.optimizer_in_backward, seed=cfg.seed)
     log(describe(param_groups(model, cfg.weight_decay)))
 
-    iter_num, best_val_loss = 0, float("inf")
+    iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
     if ckpt is not None:
+        ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         prev = ckpt.get("config") or {}
         for k in ("optimizer", "optimizer_in_backward", "optimizer_state_dtype"):
-            if k in prev and prev[k] != getattr(cfg, k) and "optimizer" in ckpt:
+            if k in prev and prev[k] != getattr(cfg, k):
                 raise checkpoint.CheckpointError("the checkpoint in %s was trained with %s=%r, not %r; pass --%s=%r to resume it"
                                                  % (cfg.out_dir, k, prev[k], getattr(cfg, k), k, prev[k]))
-        if "optimizer" in ckpt:
-            try:
-                optimizer.load_state_dict(ckpt["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise checkpoint.CheckpointError("optimizer state in %s does not fit (%s); was it written with another --optimizer?"
-                                                 % (cfg.out_dir, e)) from None
-        if "scaler" in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
+        tstate = checkpoint.load_train_state(ckpt_path, ckpt)
+        try:
+            optimizer.load_state_dict(tstate["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise checkpoint.CheckpointError("optimizer state in %s does not fit (%s); was it written with another --optimizer?"
+                                             % (cfg.out_dir, e)) from None
+        if "scaler" in tstate and scaler.is_enabled():
+            scaler.load_state_dict(tstate["scaler"])
         iter_num = ckpt["iter_num"]
         best_val_loss = ckpt.get("best_val_loss", best_val_loss)
-        rng = ckpt.get("rng")
+        tokens_seen = ckpt.get("tokens_seen", iter_num * tokens_per_iter)
+        rng = tstate.get("rng")
         if rng and master and ckpt.get("world_size", 1) == dinfo.world_size:
             checkpoint.set_rng_state(rng)
             train_loader.load_state_dict(rng["loader"])
         else:  # other ranks (or another world size): a fresh, deterministic stream per rank
             torch.manual_seed(seed + 1000003 * iter_num)
             train_loader.generator.manual_seed(seed + 1000003 * iter_num)
-        log("resumed from %s at iter %d (best val loss %.4f)" % (os.path.join(cfg.out_dir, "ckpt.pt"), iter_num, best_val_loss))
-        del ckpt
+        log("resumed from %s at iter %d (best val loss %.4f)" % (ckpt_path, iter_num, best_val_loss))
+        del ckpt, tstate
 
     raw_model = model
     model = runtime.compile_model(model, cfg.compile, device_type, log)
@@ -208,6 +211,14 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         except ImportError:
             raise ConfigError("wandb_log=True but wandb is not installed: pip install wandb, or pass --wandb_log=False") from None
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+    metrics = MetricsLog(cfg.out_dir, master, iter_num if cfg.init_from == "resume" else None, cfg.tensorboard_log, wandb)
+
+    tasks, task_tokenizer = {}, None
+    if cfg.eval_tasks:
+        from . import evaluate
+        from .tokenizer import load_tokenizer
+        tasks = evaluate.parse_tasks(cfg.eval_tasks)
+        task_tokenizer = load_tokenizer(meta)
 
     @torch.no_grad()
     def estimate_loss() -> dict:
@@ -226,33 +237,69 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         model.train()
         return out
 
+    def model_state() -> dict:
+        return raw_model.state_dict()
+
+    def optimizer_state() -> dict:
+        return optimizer.state_dict()
+
     def save_checkpoint(reason: str) -> None:
-        state = {
+        """Called on every rank (gathering sharded state may need them all); rank 0 writes."""
+        weights = {
             "format": checkpoint.FORMAT,
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state(),
             "model_args": asdict(gconf),
             "config": asdict(cfg),
             "iter_num": iter_num,
+            "tokens_seen": tokens_seen,
             "best_val_loss": float(best_val_loss),
             "world_size": dinfo.world_size,
-            "rng": {**checkpoint.rng_state(), "loader": train_loader.state_dict()},
         }
+        train_state = {"optimizer": optimizer_state(),
+                       "rng": {**checkpoint.rng_state(), "loader": train_loader.state_dict()}}
         if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        checkpoint.save(state, path)
-        log("saved checkpoint to %s (%s)" % (path, reason))
+            train_state["scaler"] = scaler.state_dict()
+        if master:
+            path = os.path.join(cfg.out_dir, "ckpt.pt")
+            checkpoint.save_pair(weights, train_state, path, cfg.keep_last_k)
+            log("saved checkpoint to %s (%s)" % (path, reason))
 
     peak = runtime.peak_flops(device, dtype, cfg.peak_flops)
-    flops_per_iter = raw_model.flops_per_token(gconf.block_size) * tokens_per_iter
+    flops_per_token = raw_model.flops_per_token(gconf.block_size)
+    micro_tokens = dinfo.world_size * cfg.batch_size * gconf.block_size  # one micro-step on every rank
+
+    def micro_steps(tokens: int) -> int:
+        """Micro-steps per rank for the next step: all of them, or fewer early in a batch-size ramp."""
+        if not cfg.batch_size_ramp_tokens:
+            return accum
+        start = max(cfg.batch_size_ramp_start, micro_tokens)
+        want = start + min(1.0, tokens / cfg.batch_size_ramp_tokens) * (tokens_per_iter - start)
+        return max(1, min(accum, math.ceil(want / micro_tokens)))
+
+    named = [(n, p) for n, p in raw_model.named_parameters()]
+    params = [p for _, p in named]
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite loss
+    clipped = torch.zeros((), dtype=torch.long, device=device)  # steps clipped since the last log line
+    health = {"clipped": 0, "steps": 0, "spikes": 0, "loss_ema": None}
+
+    def check_finite() -> None:
+        """Stop, without saving, at a nan/inf loss on any rank (a device sync: log steps and saves only)."""
+        bad = first_bad.clone()
+        if dinfo.enabled:
+            bad = dist.max_over_ranks(bad, dinfo)
+        bad = int(bad.item())
+        if bad >= 0:
+            last_good = os.path.join(cfg.out_dir, "ckpt.pt")
+            kept = ("%s is left as it was" % last_good) if os.path.exists(last_good) else "no checkpoint was written"
+            raise UserError("the loss became nan/inf at iter %d; stopped without saving (%s); lower learning_rate, "
+                            "raise warmup_iters or use dtype=bfloat16/float32" % (bad, kept))
+
     stop = StopFlag()
     stop.install()
-    start_iter, t_start = iter_num, time.time()
-    t_last, iters_since = time.time(), 0
+    start_iter, t_start, tokens_start = iter_num, time.time(), tokens_seen
+    t_last, iters_since, tokens_since = time.time(), 0, 0
     last = {"loss": None, "val": None}
     history = []  # (iter, train loss) at each log step
-    params = [p for p in raw_model.parameters()]
     try:
         while True:
             lr = get_lr(iter_num, cfg)
@@ -264,50 +311,95 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                 losses = estimate_loss()
                 last["val"] = losses["val"]
                 log("step %d: train loss %.4f, val loss %.4f" % (iter_num, losses["train"], losses["val"]))
-                if wandb:
-                    wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+                extra = {}
+                if tasks and master:
+                    extra = evaluate.run_tasks(raw_model, tasks, task_tokenizer, device, ctx, cfg.eval_tasks_limit)
+                    log("step %d: %s" % (iter_num, ", ".join("%s %.4f" % kv for kv in extra.items())))
+                metrics.write("eval", iter_num, tokens_seen, train_loss=losses["train"], val_loss=losses["val"], lr=lr, **extra)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if master and iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                    check_finite()
                     save_checkpoint("val loss %.4f" % losses["val"])
-                t_last, iters_since = time.time(), 0  # evaluation time is not training time
+                t_last, iters_since, tokens_since = time.time(), 0, 0  # evaluation time is not training time
             if cfg.eval_only or iter_num >= cfg.max_iters:
                 break
 
             log_step = iter_num % cfg.log_interval == 0
-            for micro in range(accum):
+            layer_stats = cfg.log_layer_stats and log_step
+            if layer_stats:
+                before = {n: p.detach().float().clone() for n, p in named}
+            n_micro = micro_steps(tokens_seen)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(n_micro):
                 X, Y = train_loader.next()
-                sync = nullcontext() if (not dinfo.enabled or micro == accum - 1) else model.no_sync()
+                sync = nullcontext() if (not dinfo.enabled or micro == n_micro - 1) else model.no_sync()
                 with sync:
                     with ctx:
                         _, loss = model(X, Y)
-                        loss = loss / accum  # the mean over micro-steps, not their sum
+                        loss = loss / n_micro  # the mean over micro-steps, not their sum
                     scaler.scale(loss).backward()
+                step_loss += loss.detach().float()
+            first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(step_loss), iter_num)  # no sync
             grad_norm = None
             if (cfg.grad_clip > 0 or log_step) and not cfg.optimizer_in_backward:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if cfg.grad_clip > 0:
+                    clipped += grad_norm > cfg.grad_clip
+            if layer_stats:
+                grads = {n: (p.grad.detach().float().norm() if p.grad is not None else None) for n, p in named}
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iters_since += 1
+            tokens_since += n_micro * micro_tokens
+            tokens_seen += n_micro * micro_tokens
+            health["steps"] += 1
 
             if log_step:
-                lossf = loss.item() * accum  # a GPU sync, only at log steps
+                lossf = step_loss.item()  # a device sync, only at log steps
+                check_finite()
                 last["loss"] = lossf
                 history.append((iter_num, lossf))
                 runtime.synchronize(device_type)
                 now = time.time()
                 dt = (now - t_last) / iters_since
-                t_last, iters_since = now, 0
+                tok_s = tokens_since / (now - t_last)
                 gn = grad_norm.item() if grad_norm is not None else float("nan")  # nan: freed in backward
+                n_clipped = int(clipped.item())
+                clip_frac = n_clipped / iters_since if cfg.grad_clip > 0 else None
+                health["clipped"] += n_clipped
+                clipped.zero_()
                 line = "iter %d: loss %.4f, lr %.3e, grad norm %.3f, %.2f ms/iter, %s tok/s" % (
-                    iter_num, lossf, lr, gn, dt * 1000, f"{tokens_per_iter / dt:,.0f}")
+                    iter_num, lossf, lr, gn, dt * 1000, f"{tok_s:,.0f}")
+                mfu = None
                 if peak:
-                    line += ", mfu %.1f%%" % (100 * flops_per_iter / dt / (peak * dinfo.world_size))
+                    mfu = 100 * flops_per_token * tok_s / (peak * dinfo.world_size)
+                    line += ", mfu %.1f%%" % mfu
+                if cfg.batch_size_ramp_tokens:
+                    line += ", %s tokens/step" % f"{n_micro * micro_tokens:,}"
                 log(line)
-                if wandb:
-                    wandb.log({"iter": iter_num, "train/loss_step": lossf, "lr": lr, "grad_norm": gn})
+                ema = health["loss_ema"]
+                spike = bool(cfg.loss_spike_factor and ema is not None and lossf > cfg.loss_spike_factor * ema)
+                if spike:
+                    health["spikes"] += 1
+                    log("loss spike at iter %d: %.4f is %.1fx the running mean %.4f" % (iter_num, lossf, lossf / ema, ema))
+                else:  # a spike does not move the mean it is judged against
+                    health["loss_ema"] = lossf if ema is None else 0.9 * ema + 0.1 * lossf
+                mem = runtime.max_memory_allocated(device_type)
+                rec = dict(loss=lossf, lr=lr, grad_norm=None if grad_norm is None else gn, clip_frac=clip_frac,
+                           ms_per_iter=dt * 1000, tokens_per_s=tok_s, mfu=mfu, memory_gib=mem / 2**30 if mem else None,
+                           tokens_per_step=n_micro * micro_tokens)
+                if spike:
+                    rec["spike"] = True
+                if layer_stats:
+                    rec["layers"] = layer_report(named, before, grads)
+                    del before, grads
+                    worst = max(rec["layers"].items(), key=lambda kv: kv[1]["update_ratio"])
+                    log("iter %d: largest update/weight ratio %.2e in %s" % (iter_num, worst[1]["update_ratio"], worst[0]))
+                metrics.write("train", iter_num, tokens_seen, **rec)
+                t_last, iters_since, tokens_since = time.time(), 0, 0
             iter_num += 1
 
             stopping = stop.signal is not None
@@ -315,26 +407,55 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                 stopping = dist.any_rank(stopping, dinfo, device)
             if stopping:
                 log("caught a stop signal at iter %d" % iter_num)
-                if master and cfg.always_save_checkpoint:
+                if cfg.always_save_checkpoint:
+                    check_finite()
                     save_checkpoint("stopped by signal")
                 break
+        check_finite()
     finally:
         stop.restore()
+        metrics.close()
 
     elapsed = time.time() - t_start
     done = iter_num - start_iter
+    health["clipped"] += int(clipped.item())
     summary = {"iters": done, "final_iter": iter_num, "seconds": elapsed, "best_val_loss": best_val_loss,
-               "last_val_loss": last["val"], "last_train_loss": last["loss"], "history": history}
+               "last_val_loss": last["val"], "last_train_loss": last["loss"], "history": history,
+               "tokens_seen": tokens_seen, "clipped_steps": health["clipped"], "loss_spikes": health["spikes"]}
     if done:
         mem = runtime.max_memory_allocated(device_type)
         log("done: %d iterations in %.1f s (%.1f ms/iter, %s tok/s overall), best val loss %.4f%s"
-            % (done, elapsed, 1000 * elapsed / done, f"{tokens_per_iter * done / elapsed:,.0f}", best_val_loss,
+            % (done, elapsed, 1000 * elapsed / done, f"{(tokens_seen - tokens_start) / elapsed:,.0f}", best_val_loss,
                ", peak memory %.2f GiB" % (mem / 2**30) if mem else ""))
-    if wandb:
-        wandb.finish()
+        if cfg.grad_clip > 0 and not cfg.optimizer_in_backward:
+            log("gradients clipped in %d of %d steps; %d loss spike(s) reported"
+                % (health["clipped"], health["steps"], health["spikes"]))
     if stop.signal is not None:
         raise SystemExit(128 + stop.signal)
     return summary
+
+
+def layer_of(name: str) -> str:
+    """transformer.h.3.attn.c_attn.weight -> transformer.h.3; transformer.wte.weight -> transformer.wte"""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if len(parts) > 2 and parts[1] == "h" else ".".join(parts[:2])
+
+
+def layer_report(named, before: dict, grads: dict) -> dict:
+    """Per layer: gradient norm (None where gradients were freed in backward), weight norm, and
+    the norm of this step's update over the weight norm."""
+    sq = {}
+    for n, p in named:
+        acc = sq.setdefault(layer_of(n), {"grad": 0.0, "weight": 0.0, "update": 0.0, "has_grad": True})
+        w = p.detach().float()
+        acc["weight"] += float(w.square().sum())
+        acc["update"] += float((w - before[n]).square().sum())
+        if grads[n] is None:
+            acc["has_grad"] = False
+        else:
+            acc["grad"] += float(grads[n]) ** 2
+    return {k: {"grad_norm": math.sqrt(v["grad"]) if v["has_grad"] else None, "weight_norm": math.sqrt(v["weight"]),
+                "update_ratio": math.sqrt(v["update"]) / max(math.sqrt(v["weight"]), 1e-12)} for k, v in sq.items()}
 
 
 if __name__ == "__main__":
