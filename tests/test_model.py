@@ -66,6 +66,19 @@ def test_kv_cache_greedy_equals_uncached(prompt_len, new):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("prompt_len,new", [(1, 40), (20, 50)])
+def test_fixed_shape_decode_step_equals_uncached(prompt_len, new):
+    """The one-token step with a full-length masked cache (what CUDA replays as a graph) gives
+    the uncached tokens, also past block_size."""
+    torch.manual_seed(0)
+    model = GPT(small_config()).eval()
+    idx = torch.randint(0, 97, (2, prompt_len))
+    with torch.no_grad():
+        a = model._generate(idx, new, 0, None, None, True, None, None, static=True, graph=False)
+    b = model.generate(idx, new, temperature=0, use_cache=False)
+    assert torch.equal(a, b)
+
+
 def test_kv_cache_logits_equal_full_forward():
     torch.manual_seed(0)
     model = GPT(small_config()).eval()

@@ -1,4 +1,4 @@
-"""The console command: ``nanogpt train|sample|bench|prepare ...``."""
+"""The console command: ``nanogpt train|sample|eval|bench|prepare|export|plot ...``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ COMMANDS = {
     "sample": ("nanogpt.sample", "generate text from a checkpoint or GPT-2 weights"),
     "bench": ("nanogpt.bench", "time training steps: ms/iter, tokens/s, MFU, peak memory"),
     "prepare": ("nanogpt.prepare", "prepare a dataset: shakespeare_char, shakespeare, openwebtext, corpus"),
+    "export": ("nanogpt.export", "write a checkpoint as a Hugging Face GPT2LMHeadModel folder (+ tokenizer files)"),
+    "plot": ("nanogpt.plot", "plot metrics.jsonl of one or more runs into a PNG (needs matplotlib)"),
 }
 
 

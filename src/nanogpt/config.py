@@ -382,3 +382,26 @@ def markdown_table(cls) -> str:
     for name, t, default, doc in field_docs(cls):
         rows.append("| `%s` | %s | `%r` | %s |" % (name, t, default, doc.replace("|", "\\|")))
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# export to Hugging Face format
+
+
+@dataclass
+class ExportConfig:
+    init_from: str = _f("resume", "'resume' (out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or a local Hugging Face folder.")
+    out_dir: str = _f("out", "Folder holding ckpt.pt when init_from='resume'.")
+    hf_dir: str = _f("", "Folder to write (config.json, model.safetensors, tokenizer files); must not exist or be empty.")
+    overwrite: bool = _f(False, "Replace an existing, non-empty hf_dir.")
+    tokenizer: bool = _f(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, or vocab_chars.json for a character vocabulary.")
+    data_root: str = _f("data", "Where the dataset folder (with meta.json) is looked up first; the training run's data_root is tried next.")
+    mirror: str = _f("", "Local folder mirroring the GPT-2 BPE files (gpt2-bpe/encoder.json, gpt2-bpe/vocab.bpe); default $NANOGPT_DATA_MIRROR.")
+
+    def validate(self) -> None:
+        if not self.hf_dir:
+            raise ConfigError("hf_dir must be set: the folder to write the Hugging Face model into, e.g. --hf_dir=out-hf")
+        known = ("resume",) + GPT2_NAMES
+        if self.init_from not in known and not os.path.isdir(self.init_from):
+            raise ConfigError("init_from must be one of %s or an existing Hugging Face model folder; got %r"
+                              % (", ".join(known), self.init_from))

@@ -36,8 +36,9 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # zeros, not empty: masked-out positions still meet softmax weights of 0, and 0 * nan is nan
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -46,6 +47,13 @@ class KVCache:
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Store one (B, nh, 1, hs) key/value at the position held in ``pos`` (1,), a device
+        tensor, and return the whole preallocated cache: shapes never change (CUDA graphs)."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,13 +67,21 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, step=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         mask, causal = None, True
+        if step is not None:  # one token at a device-held position: attend to the whole cache, masked
+            pos, mask = step
+            k, v = cache.write(layer, k, v, pos)  # (B, nh, max_len, hs)
+            # plain matmuls: fused attention kernels tile over queries, and here there is only one
+            att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, 1, max_len)
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+            y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, 1, C)
+            return self.resid_dropout(self.c_proj(y))
         if cache is not None:
             start = cache.pos
             k, v = cache.update(layer, k, v)  # (B, nh, start+T, hs)
@@ -99,8 +115,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, step=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, step)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -161,6 +177,16 @@ class GPT(nn.Module):
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the last position
         return self.lm_head(x), None
 
+    def decode_step(self, idx, pos, cache: KVCache):
+        """idx (B, 1), the token at position ``pos`` (a (1,) device tensor) -> logits (B, V).
+        Every shape is fixed, whatever the position, so the step can be captured as a CUDA graph."""
+        L = cache.k.size(3)
+        mask = (torch.arange(L, device=idx.device) <= pos).view(1, 1, 1, L)  # keys written so far
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, 1, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i, (pos, mask))
+        return self.lm_head(self.transformer.ln_f(x))[:, -1, :]  # (B, V)
+
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. load GPT-2's 1024 and train at 256)."""
         assert block_size <= self.config.block_size
@@ -179,20 +205,25 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, use_cache: bool = True, vocab_limit: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, cuda_graph: bool = True):
         """Extend idx (B, T) by max_new_tokens tokens.
 
         With the cache, the prompt is run once (prefill) and each new token costs one position.
         Once the sequence no longer fits in block_size the window slides: the last block_size
         tokens are re-run from position 0, which is what the uncached path does, so both give the
         same tokens. temperature=0 is greedy; vocab_limit masks padded vocabulary entries.
+        On CUDA the one-token step is replayed as a CUDA graph (one launch instead of hundreds);
+        ``cuda_graph=False`` runs it eagerly.
         """
         with _generation_attention(idx.device.type):
-            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_limit, generator)
+            static = use_cache and cuda_graph and idx.is_cuda
+            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_limit, generator,
+                                  static, static)
 
-    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_limit, generator):
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_limit, generator,
+                  static=False, graph=False):
         bs = self.config.block_size
-        cache = None
+        cache, step = None, None
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -bs:], last_only=True)
@@ -204,6 +235,11 @@ class GPT(nn.Module):
                     cache = KVCache(self.config, idx.size(0), bs, idx.device, dtype)
                 cache.pos = 0
                 logits, _ = self(ctx, cache=cache, last_only=True)
+                if static and step is None:
+                    step = _DecodeStep(self, cache, idx.size(0), graph)
+            elif step is not None:
+                logits = step(idx[:, -1:], cache.pos)[:, None, :]
+                cache.pos += 1
             else:
                 logits, _ = self(idx[:, -1:], cache=cache, last_only=True)
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, vocab_limit, generator)
@@ -260,6 +296,40 @@ class GPT(nn.Module):
         return model
 
 
+class _DecodeStep:
+    """The one-token step with fixed input buffers, captured once as a CUDA graph (``graph``) or
+    run eagerly; call it with the last token (B, 1) and its position."""
+
+    def __init__(self, model: GPT, cache: KVCache, batch: int, graph: bool):
+        dev = cache.k.device
+        self.model, self.cache = model, cache
+        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.full((1,), cache.pos, dtype=torch.long, device=dev)
+        self.graph = None
+        if graph:
+            # autocast's weight cache would live outside the graph's memory: cast inside it instead.
+            # Warm-up and capture write a key/value at cache.pos, which the real step overwrites.
+            amp = torch.autocast(dev.type, dtype=torch.get_autocast_dtype(dev.type),
+                                 enabled=torch.is_autocast_enabled(dev.type), cache_enabled=False)
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side), amp:
+                for _ in range(2):
+                    model.decode_step(self.idx, self.pos, cache)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), amp:
+                self.logits = model.decode_step(self.idx, self.pos, cache)
+
+    def __call__(self, last, pos: int):
+        self.idx.copy_(last)
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self.model.decode_step(self.idx, self.pos, self.cache)
+        self.graph.replay()
+        return self.logits
+
+
 def _generation_attention(device_type: str):
     """Generation changes the attention shape at every token. cuDNN's attention builds a plan per
     new shape (tens of ms each), so leave it out here and let flash / memory-efficient run."""
@@ -272,20 +342,22 @@ def _generation_attention(device_type: str):
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 vocab_limit: int | None = None, generator: torch.Generator | None = None):
     """Pick the next token from logits (B, V) -> (B, 1)."""
+    # masked_fill, not boolean indexing: indexing waits for the GPU to count the mask, at every token
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.size(-1):
+        logits = logits.clone()
         logits[:, vocab_limit:] = -float("inf")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
-        sorted_logits[drop] = -float("inf")
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -43,7 +43,8 @@ class StripedAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, state_dtype: torch.dtype | None = None, seed: int = 0):
+                 weight_decay: float = 0.0, state_dtype: torch.dtype | None = None, seed: int = 0,
+                 foreach: bool | None = None):
         if lr < 0 or eps < 0 or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError("invalid StripedAdamW hyper-parameters: lr=%r betas=%r eps=%r" % (lr, betas, eps))
         if state_dtype not in (None, torch.float32, torch.bfloat16):
@@ -51,6 +52,7 @@ class StripedAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
         self.seed = seed
+        self.foreach = foreach  # None: the multi-tensor path on CUDA, one parameter at a time elsewhere
 
     def _init_state(self, p: torch.Tensor) -> dict:
         st = {"step": 0,  # a Python int: reading it needs no device sync
@@ -91,10 +93,67 @@ class StripedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            fast = self.foreach if self.foreach is not None else params[0].is_cuda
+            if fast and self.state_dtype is None:
+                simple = [p for p in params if p.grad.dtype == p.dtype == torch.float32 and not p.grad.is_sparse]
+                self._foreach_step([p for p in simple if p.dim() >= 2], [p for p in simple if p.dim() < 2], group)
+                params = [p for p in params if not any(p is q for q in simple)]
+            for p in params:
+                self._update(p, group)
         return loss
+
+    @torch.no_grad()
+    def _foreach_step(self, mats: list, vecs: list, group: dict) -> None:
+        """The same update for many tensors with few kernels: element-wise work is done by
+        torch._foreach_* over all tensors at once; each matrix adds only its row/column
+        reductions and one rank-1 denominator (so temporaries stay one matrix at a time)."""
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in mats + vecs:
+            st = self.state[p]
+            if not st:
+                st.update(self._init_state(p))
+            st["step"] += 1
+        if wd and (mats or vecs):
+            torch._foreach_mul_(mats + vecs, 1 - lr * wd)  # decoupled weight decay
+        if mats:
+            sts = [self.state[p] for p in mats]
+            grads = [p.grad for p in mats]
+            ms = [st["exp_avg"] for st in sts]
+            torch._foreach_lerp_(ms, grads, 1 - b1)  # m <- b1 m + (1 - b1) g
+            # mean of g^2 over columns (per row) and over rows (per column), without a g^2 temporary
+            rows = [torch.linalg.vector_norm(g, dim=-1).square_().div_(g.shape[-1]) for g in grads]
+            cols = [torch.linalg.vector_norm(g, dim=-2).square_().div_(g.shape[-2]) for g in grads]
+            torch._foreach_lerp_([st["row"] for st in sts], rows, 1 - b2)
+            torch._foreach_lerp_([st["col"] for st in sts], cols, 1 - b2)
+            del rows, cols
+            eps_t = torch.tensor(eps, device=mats[0].device)
+            for p, st in zip(mats, sts):
+                t = st["step"]
+                r, c = st["row"], st["col"]
+                # sqrt(r c^T / mean(r) / (1 - b2^t)) = sqrt(r / (mean(r) (1 - b2^t))) sqrt(c)^T: one rank-1 product
+                sr = (r / r.mean(dim=-1, keepdim=True).clamp_min(1e-30)).div_(1 - b2 ** t).sqrt_()
+                sc = c.sqrt()
+                if p.dim() == 2:
+                    denom = torch.addr(eps_t, sr, sc)  # (rows, cols)
+                else:
+                    denom = (sr.unsqueeze(-1) * sc.unsqueeze(-2)).add_(eps)
+                p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+                del denom
+        if vecs:
+            sts = [self.state[p] for p in vecs]
+            grads = [p.grad for p in vecs]
+            ms = [st["exp_avg"] for st in sts]
+            vs = [st["exp_avg_sq"] for st in sts]
+            torch._foreach_lerp_(ms, grads, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, 1 - b2)
+            denom = torch._foreach_div(vs, [1 - b2 ** st["step"] for st in sts])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_([p for p in vecs], ms, denom, [-lr / (1 - b1 ** st["step"]) for st in sts])
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor, group: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -66,19 +67,24 @@ def sample(argv: list[str]) -> list[str]:
 
     model, train_config = load_model(cfg.init_from, cfg.out_dir)
     model.eval().to(device)
+    ctx = runtime.autocast(device_type, dtype)
+    if device_type == "cuda" and dtype != "float32":
+        # inference needs no float32 master weights: cast once instead of at every step under autocast
+        model.to(getattr(torch, dtype))
+        ctx = contextlib.nullcontext()
     tok, vocab_limit = tokenizer_for(train_config, cfg.data_root)
     if cfg.compile:
         why = runtime.compile_blocker(device_type)
         if why:
             print("compile: disabled (%s); running eagerly" % why, file=sys.stderr)
-        else:  # compile the forward pass that generate() calls; positions vary, so dynamic shapes
+        else:  # the prompt pass has varying lengths (dynamic shapes); the one-token step has fixed ones
             model.forward = torch.compile(model.forward, dynamic=True)
+            model.decode_step = torch.compile(model.decode_step, dynamic=False)
 
     ids = tok.encode(prompt)  # a character outside a char vocabulary is a one-line TokenizerError
     if not ids:
         raise ConfigError("start is empty after tokenisation; give at least one token of prompt")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
-    ctx = runtime.autocast(device_type, dtype)
     outputs = []
     t0 = time.time()
     with torch.no_grad(), ctx:
