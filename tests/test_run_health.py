@@ -170,3 +170,17 @@ def test_health_keys_are_checked():
     with pytest.raises(ConfigError, match="batch_size_ramp_tokens"):
         validate_train(TrainConfig(batch_size_ramp_tokens=100, optimizer_in_backward=True, gradient_accumulation_steps=1,
                                    grad_clip=0.0))
+
+
+def test_tensorboard_without_the_package_is_one_clear_error(data_root, tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kw):
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ConfigError, match="tensorboard_log=True but tensorboard is not installed: pip install tensorboard"):
+        train(tiny(data_root, tmp_path, "--max_iters=1", "--tensorboard_log=True"))

@@ -99,6 +99,7 @@ class TrainConfig:
     min_lr: float = _f(6e-5, "Floor of the learning rate (about learning_rate/10).")
     # distributed
     backend: str = _f("auto", "torch.distributed backend under torchrun: 'auto' (nccl on CUDA, gloo otherwise), 'nccl' or 'gloo'.")
+    parallelism: str = _f("ddp", "Under torchrun: 'ddp' (every rank holds the whole model and optimizer state) or 'fsdp' (each block and the rest sharded over the ranks with FSDP2: about 1/world of the weights, gradients and optimizer state per rank; checkpoints are still written whole by rank 0).")
     dist_timeout: float = _f(600.0, "Seconds a collective may wait before the process group gives up (a dead rank cannot hang the others forever).")
     # system
     device: str = _f("auto", "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'.")
@@ -237,6 +238,13 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
     _check_choice(cfg, "optimizer", OPTIMIZERS)
     _check_choice(cfg, "dtype", DTYPES)
     _check_choice(cfg, "backend", ("auto", "nccl", "gloo"))
+    _check_choice(cfg, "parallelism", ("ddp", "fsdp"))
+    if cfg.parallelism == "fsdp":
+        if cfg.optimizer_in_backward:
+            raise ConfigError("parallelism='fsdp' cannot step the optimizer inside backward; pass --optimizer_in_backward=False")
+        if cfg.eval_tasks and world_size > 1:
+            raise ConfigError("eval_tasks run on rank 0 alone, which cannot gather weights sharded by parallelism='fsdp'; "
+                              "leave eval_tasks empty or use parallelism='ddp'")
     if cfg.dist_timeout <= 0:
         raise ConfigError("dist_timeout must be > 0 seconds; got %r" % cfg.dist_timeout)
     if cfg.peak_flops < 0:
@@ -405,3 +413,61 @@ class ExportConfig:
         if self.init_from not in known and not os.path.isdir(self.init_from):
             raise ConfigError("init_from must be one of %s or an existing Hugging Face model folder; got %r"
                               % (", ".join(known), self.init_from))
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class EvalConfig:
+    init_from: str = _f("resume", "'resume' (from out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or a local Hugging Face folder.")
+    out_dir: str = _f("out", "Folder holding ckpt.pt when init_from='resume'.")
+    dataset: str = _f("", "Perplexity on data_root/dataset/{split}.bin; when nothing else is chosen, the training run's dataset.")
+    data_root: str = _f("data", "Folder that holds the dataset folders (and the character vocabulary of a char-level run).")
+    split: str = _f("val", "Token file of the dataset to read: 'val' or 'train'.")
+    text_file: str = _f("", "Perplexity on a UTF-8 text file, tokenised with the model's tokenizer.")
+    block_size: int = _f(0, "Window length for perplexity and the longest input for the tasks (0 = the model's context).")
+    stride: int = _f(0, "Step between perplexity windows (0 = the window length: no overlap); smaller gives each scored token more context.")
+    batch_size: int = _f(8, "Windows (perplexity) or scored continuations (tasks) per forward pass.")
+    max_tokens: int = _f(0, "Read only the first max_tokens tokens of the data or text (0 = all).")
+    hellaswag: str = _f("", "HellaSwag-format jsonl (ctx, endings, label) to score zero-shot, or 'download' (needs --sha256).")
+    lambada: str = _f("", "LAMBADA-format jsonl (one {'text': ...} per line) for last-word accuracy, or 'download'.")
+    limit: int = _f(0, "Score only the first limit examples of hellaswag and lambada (0 = all).")
+    sha256: str = _f("", "Expected sha256 of a file fetched with 'download' (required for hellaswag, which has no pinned checksum).")
+    cache_dir: str = _f("", "Where downloaded task files are kept ('' = data_root/eval).")
+    mirror: str = _f("", "Local folder mirroring the task files (hellaswag/hellaswag_val.jsonl, lambada/lambada_test.jsonl); default $NANOGPT_DATA_MIRROR.")
+    device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+    dtype: str = _f("auto", "'auto' (bfloat16 autocast on CUDA when supported, float32 elsewhere), 'float32', 'bfloat16', 'float16'.")
+    seed: int = _f(1337, "Random seed (the evaluation itself draws no random numbers).")
+    json_out: str = _f("", "Also write the results as JSON to this file (written atomically).")
+
+    def validate(self) -> None:
+        _check_positive(self, "batch_size")
+        for k in ("block_size", "stride", "max_tokens", "limit"):
+            if getattr(self, k) < 0:
+                raise ConfigError("%s must be >= 0; got %r" % (k, getattr(self, k)))
+        if self.max_tokens == 1:
+            raise ConfigError("max_tokens must be 0 (all) or at least 2: the first token is context only")
+        if self.block_size and self.stride > self.block_size:
+            raise ConfigError("stride (%d) must not exceed block_size (%d): tokens between windows would go unscored"
+                              % (self.stride, self.block_size))
+        if self.dataset and self.text_file:
+            raise ConfigError("set dataset or text_file, not both: one perplexity source per run")
+        if not self.split or os.sep in self.split or "/" in self.split:
+            raise ConfigError("split must be the name of a token file such as 'val' or 'train'; got %r" % self.split)
+        if self.text_file and not os.path.isfile(self.text_file):
+            raise ConfigError("text_file %r does not exist" % self.text_file)
+        for k in ("hellaswag", "lambada"):
+            v = getattr(self, k)
+            if v and v != "download" and not os.path.isfile(v):
+                raise ConfigError("%s=%r: no such file; give a local jsonl file or 'download'" % (k, v))
+        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())):
+            raise ConfigError("sha256 must be 64 hexadecimal digits; got %r" % self.sha256)
+        if self.sha256 and self.hellaswag == "download" and self.lambada == "download":
+            raise ConfigError("sha256 is ambiguous with both hellaswag=download and lambada=download; download one at a time")
+        known = ("resume",) + GPT2_NAMES
+        if self.init_from not in known and not os.path.isdir(self.init_from):
+            raise ConfigError("init_from must be one of %s or an existing Hugging Face model folder; got %r"
+                              % (", ".join(known), self.init_from))
+        _check_choice(self, "dtype", DTYPES)

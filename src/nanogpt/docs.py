@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 import sys
 
-from .config import BenchConfig, ExportConfig, SampleConfig, TrainConfig, markdown_table
+from .config import BenchConfig, EvalConfig, ExportConfig, SampleConfig, TrainConfig, markdown_table
 
-SECTIONS = {"train": TrainConfig, "sample": SampleConfig, "bench": BenchConfig, "export": ExportConfig}
+SECTIONS = {"train": TrainConfig, "sample": SampleConfig, "bench": BenchConfig, "eval": EvalConfig, "export": ExportConfig}
 
 
 def render(text: str) -> str:

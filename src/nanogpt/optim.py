@@ -4,6 +4,7 @@ one by name, StripedAdamW, and the optimizer-step-in-backward wrapper."""
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 
@@ -16,6 +17,82 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     no_decay = [p for p in params if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _dtensor_type():
+    """DTensor's class once torch.distributed.tensor is loaded (no DTensor exists before), else None:
+    importing it up front would cost every run about a second."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (a view: in-place updates reach the DTensor); other tensors as they are."""
+    dt = _dtensor_type()
+    return t.to_local() if dt is not None and isinstance(t, dt) else t
+
+
+def _split_groups(p: torch.Tensor) -> tuple[list, list]:
+    """For a sharded (DTensor) matrix, the process groups whose ranks each hold part of its rows
+    (dim -2) and part of its columns (dim -1): statistics summed over that dimension must be
+    summed over those ranks too. Empty for ordinary tensors and for splits of batch dimensions."""
+    dt = _dtensor_type()
+    rows, cols = [], []
+    if dt is not None and isinstance(p, dt) and p.dim() >= 2:
+        for i, pl in enumerate(p.placements):
+            if pl.is_shard():
+                d = pl.dim % p.dim()
+                if d == p.dim() - 2:
+                    rows.append(p.device_mesh.get_group(i))
+                elif d == p.dim() - 1:
+                    cols.append(p.device_mesh.get_group(i))
+            elif not pl.is_replicate():
+                raise ValueError("StripedAdamW cannot step a parameter placed as %s" % pl)
+    return rows, cols
+
+
+def _sum_over(tensors: list, groups: list) -> None:
+    """All-reduce (sum) each tensor, in place, over the process groups listed for it; the tensors
+    of one group travel in a single collective."""
+    buckets: dict = {}
+    for t, gs in zip(tensors, groups):
+        for g in gs:
+            buckets.setdefault(g, []).append(t)
+    for g, ts in buckets.items():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        torch.distributed.all_reduce(flat, group=g)
+        for t, piece in zip(ts, flat.split([t.numel() for t in ts])):
+            t.copy_(piece.view_as(t))
+
+
+def _row_means(rs: list, ps: list) -> list:
+    """mean(r) over the last dimension (kept) for the row statistics of each matrix in ps,
+    adding the pieces held by other ranks where the rows are split."""
+    groups = [_split_groups(p)[0] for p in ps]
+    if not any(groups):
+        return [r.mean(dim=-1, keepdim=True) for r in rs]
+    sums = [r.sum(dim=-1, keepdim=True) for r in rs]
+    _sum_over(sums, groups)
+    return [s.div_(p.shape[-2]) for s, p in zip(sums, ps)]  # p.shape: the full size, also for a DTensor
+
+
+def _stat_zeros(p: torch.Tensor, shape: torch.Size, rows: bool) -> torch.Tensor:
+    """Zeros for the row (``rows=True``) or column statistics of matrix p. For a DTensor they are
+    DTensors too, so a gathered state dict holds them in full: a split of a batch dimension carries
+    over, a split of the rows splits the row statistics and replicates the column ones, and the
+    reverse for a split of the columns."""
+    dt = _dtensor_type()
+    if dt is None or not isinstance(p, dt):
+        return torch.zeros(shape, dtype=torch.float32, device=p.device)
+    from torch.distributed.tensor import Replicate, Shard, zeros
+    nd, placements = p.dim(), []
+    for pl in p.placements:
+        d = pl.dim % nd if pl.is_shard() else None
+        if d is None or d == (nd - 1 if rows else nd - 2):
+            placements.append(Replicate())
+        else:
+            placements.append(Shard(nd - 2 if d == nd - 1 else d))
+    return zeros(shape, dtype=torch.float32, device_mesh=p.device_mesh, placements=placements)
 
 
 class StripedAdamW(torch.optim.Optimizer):
@@ -58,8 +135,8 @@ class StripedAdamW(torch.optim.Optimizer):
         st = {"step": 0,  # a Python int: reading it needs no device sync
               "exp_avg": torch.zeros_like(p, dtype=self.state_dtype or p.dtype, memory_format=torch.preserve_format)}
         if p.dim() >= 2:
-            st["row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
-            st["col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=torch.float32, device=p.device)
+            st["row"] = _stat_zeros(p, p.shape[:-1], rows=True)
+            st["col"] = _stat_zeros(p, p.shape[:-2] + p.shape[-1:], rows=False)
         else:
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
         return st
@@ -116,44 +193,51 @@ class StripedAdamW(torch.optim.Optimizer):
             if not st:
                 st.update(self._init_state(p))
             st["step"] += 1
+        # DTensor (FSDP) parameters are stepped through their local pieces, the sums that span
+        # ranks all-reduced; p.shape stays the full shape
         if wd and (mats or vecs):
-            torch._foreach_mul_(mats + vecs, 1 - lr * wd)  # decoupled weight decay
+            torch._foreach_mul_([_local(p) for p in mats + vecs], 1 - lr * wd)  # decoupled weight decay
         if mats:
             sts = [self.state[p] for p in mats]
-            grads = [p.grad for p in mats]
-            ms = [st["exp_avg"] for st in sts]
+            grads = [_local(p.grad) for p in mats]
+            ms = [_local(st["exp_avg"]) for st in sts]
             torch._foreach_lerp_(ms, grads, 1 - b1)  # m <- b1 m + (1 - b1) g
             # mean of g^2 over columns (per row) and over rows (per column), without a g^2 temporary
-            rows = [torch.linalg.vector_norm(g, dim=-1).square_().div_(g.shape[-1]) for g in grads]
-            cols = [torch.linalg.vector_norm(g, dim=-2).square_().div_(g.shape[-2]) for g in grads]
-            torch._foreach_lerp_([st["row"] for st in sts], rows, 1 - b2)
-            torch._foreach_lerp_([st["col"] for st in sts], cols, 1 - b2)
+            rows = [torch.linalg.vector_norm(g, dim=-1).square_() for g in grads]
+            cols = [torch.linalg.vector_norm(g, dim=-2).square_() for g in grads]
+            splits = [_split_groups(p) for p in mats]
+            _sum_over(rows + cols, [s[1] for s in splits] + [s[0] for s in splits])
+            for p, x, y in zip(mats, rows, cols):
+                x.div_(p.shape[-1])
+                y.div_(p.shape[-2])
+            rs, cs = [_local(st["row"]) for st in sts], [_local(st["col"]) for st in sts]
+            torch._foreach_lerp_(rs, rows, 1 - b2)
+            torch._foreach_lerp_(cs, cols, 1 - b2)
             del rows, cols
-            eps_t = torch.tensor(eps, device=mats[0].device)
-            for p, st in zip(mats, sts):
+            eps_t = torch.tensor(eps, device=ms[0].device)
+            for p, st, m, r, c, r_mean in zip(mats, sts, ms, rs, cs, _row_means(rs, mats)):
                 t = st["step"]
-                r, c = st["row"], st["col"]
                 # sqrt(r c^T / mean(r) / (1 - b2^t)) = sqrt(r / (mean(r) (1 - b2^t))) sqrt(c)^T: one rank-1 product
-                sr = (r / r.mean(dim=-1, keepdim=True).clamp_min(1e-30)).div_(1 - b2 ** t).sqrt_()
+                sr = (r / r_mean.clamp_min(1e-30)).div_(1 - b2 ** t).sqrt_()
                 sc = c.sqrt()
                 if p.dim() == 2:
                     denom = torch.addr(eps_t, sr, sc)  # (rows, cols)
                 else:
                     denom = (sr.unsqueeze(-1) * sc.unsqueeze(-2)).add_(eps)
-                p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+                _local(p).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
                 del denom
         if vecs:
             sts = [self.state[p] for p in vecs]
-            grads = [p.grad for p in vecs]
-            ms = [st["exp_avg"] for st in sts]
-            vs = [st["exp_avg_sq"] for st in sts]
+            grads = [_local(p.grad) for p in vecs]
+            ms = [_local(st["exp_avg"]) for st in sts]
+            vs = [_local(st["exp_avg_sq"]) for st in sts]
             torch._foreach_lerp_(ms, grads, 1 - b1)
             torch._foreach_mul_(vs, b2)
             torch._foreach_addcmul_(vs, grads, grads, 1 - b2)
             denom = torch._foreach_div(vs, [1 - b2 ** st["step"] for st in sts])
             torch._foreach_sqrt_(denom)
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_([p for p in vecs], ms, denom, [-lr / (1 - b1 ** st["step"]) for st in sts])
+            torch._foreach_addcdiv_([_local(p) for p in vecs], ms, denom, [-lr / (1 - b1 ** st["step"]) for st in sts])
 
     @torch.no_grad()
     def _update(self, p: torch.Tensor, group: dict) -> None:
@@ -165,31 +249,41 @@ class StripedAdamW(torch.optim.Optimizer):
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         st["step"] += 1
         t = st["step"]
-        g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        # a DTensor (FSDP) parameter is stepped through its local piece; p.shape stays the full shape
+        g, exp_avg = _local(p.grad), _local(st["exp_avg"])
+        g = g if g.dtype == torch.float32 else g.float()
         if wd:
-            p.mul_(1 - lr * wd)
-        m = st["exp_avg"] if st["exp_avg"].dtype == torch.float32 else st["exp_avg"].float()
+            _local(p).mul_(1 - lr * wd)
+        m = exp_avg if exp_avg.dtype == torch.float32 else exp_avg.float()
         m.mul_(b1).add_(g, alpha=1 - b1)
         # temporaries of full size are kept to one (v), so a huge embedding needs little headroom
         if p.dim() >= 2:
-            r, c = st["row"], st["col"]
+            r, c = _local(st["row"]), _local(st["col"])
             g2 = g.square()
-            r.mul_(b2).add_(g2.mean(dim=-1), alpha=1 - b2)  # (..., rows)
-            c.mul_(b2).add_(g2.mean(dim=-2), alpha=1 - b2)  # (..., cols)
-            del g2
-            v = (r / r.mean(dim=-1, keepdim=True).clamp_min(1e-30)).unsqueeze(-1) * c.unsqueeze(-2)
+            split_rows, split_cols = _split_groups(p)
+            if split_rows or split_cols:  # sum the pieces over the ranks, then divide by the full size
+                rows, cols = g2.sum(dim=-1), g2.sum(dim=-2)
+                _sum_over([rows, cols], [split_cols, split_rows])
+                rows.div_(p.shape[-1])
+                cols.div_(p.shape[-2])
+            else:
+                rows, cols = g2.mean(dim=-1), g2.mean(dim=-2)
+            r.mul_(b2).add_(rows, alpha=1 - b2)  # (..., rows)
+            c.mul_(b2).add_(cols, alpha=1 - b2)  # (..., cols)
+            del g2, rows, cols
+            v = (r / _row_means([r], [p])[0].clamp_min(1e-30)).unsqueeze(-1) * c.unsqueeze(-2)
             v.div_(1 - b2 ** t)
         else:
-            v = st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2) / (1 - b2 ** t)
+            v = _local(st["exp_avg_sq"]).mul_(b2).addcmul_(g, g, value=1 - b2) / (1 - b2 ** t)
         v.sqrt_().add_(eps)  # the denominator, in place
-        p.addcdiv_(m, v, value=-lr / (1 - b1 ** t))
-        if st["exp_avg"].dtype == torch.bfloat16:
+        _local(p).addcdiv_(m, v, value=-lr / (1 - b1 ** t))
+        if exp_avg.dtype == torch.bfloat16:
             gen = torch.Generator(device=p.device).manual_seed(self.seed * 1000003 + int(t) * 7919 + p.numel())
-            st["exp_avg"].copy_(stochastic_round_bf16(m, gen))
+            exp_avg.copy_(stochastic_round_bf16(m, gen))
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (step counters excluded)."""
-        return sum(v.numel() * v.element_size() for st in self.state.values() for k, v in st.items()
+        return sum(_local(v).numel() * v.element_size() for st in self.state.values() for k, v in st.items()
                    if k != "step" and torch.is_tensor(v))
 
 

@@ -2,6 +2,7 @@
 
 One process:   python train.py config/train_shakespeare_char.py --device=cpu --compile=False
 DDP, 1 node:   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+FSDP, 1 node:  torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --parallelism=fsdp
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def train(argv: list[str]) -> dict:
     device = runtime.resolve_device(cfg.device)
     dinfo, device = dist.init(device, cfg.backend, cfg.dist_timeout)
     try:
-        return _train(cfg, explicit, dinfo, device)
+        with dist.peer_failures(dinfo, cfg.out_dir):  # a dead or hung rank: one line, not a hang
+            return _train(cfg, explicit, dinfo, device)
     finally:
         dist.shutdown(dinfo)
 
@@ -163,6 +165,16 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     log("model: %.2fM parameters (%s)" % (model.num_params() / 1e6, ", ".join("%s=%s" % kv for kv in asdict(gconf).items())))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     model.activation_checkpointing = cfg.activation_checkpointing
+    sharded = cfg.parallelism == "fsdp" and dinfo.enabled
+    if sharded:  # before the optimizer is built: it must hold the sharded parameters
+        from . import fsdp
+        why = fsdp.unavailable()
+        if why:
+            raise ConfigError("parallelism='fsdp': %s; or use --parallelism=ddp" % why)
+        fsdp.shard(model, dtype)
+        log("fsdp: %d blocks and the root sharded over %d processes" % (gconf.n_layer, dinfo.world_size))
+    elif cfg.parallelism == "fsdp":
+        log("fsdp: one process, nothing to shard; launch with torchrun to shard the model")
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                 device_type, eps=cfg.eps, state_dtype=cfg.optimizer_state_dtype,
                                 in_backward=cfg.optimizer_in_backward, seed=cfg.seed)
@@ -178,7 +190,10 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                                                  % (cfg.out_dir, k, prev[k], getattr(cfg, k), k, prev[k]))
         tstate = checkpoint.load_train_state(ckpt_path, ckpt)
         try:
-            optimizer.load_state_dict(tstate["optimizer"])
+            if sharded:  # every rank read the full state; each keeps its shards
+                fsdp.load_optimizer_state(model, optimizer, tstate["optimizer"])
+            else:
+                optimizer.load_state_dict(tstate["optimizer"])
         except (ValueError, KeyError) as e:
             raise checkpoint.CheckpointError("optimizer state in %s does not fit (%s); was it written with another --optimizer?"
                                              % (cfg.out_dir, e)) from None
@@ -188,10 +203,17 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         best_val_loss = ckpt.get("best_val_loss", best_val_loss)
         tokens_seen = ckpt.get("tokens_seen", iter_num * tokens_per_iter)
         rng = tstate.get("rng")
-        if rng and master and ckpt.get("world_size", 1) == dinfo.world_size:
+        same_world = ckpt.get("world_size", 1) == dinfo.world_size
+        if rng and master and same_world:
             checkpoint.set_rng_state(rng)
             train_loader.load_state_dict(rng["loader"])
-        else:  # other ranks (or another world size): a fresh, deterministic stream per rank
+        elif rng and same_world and len(rng.get("ranks", [])) == dinfo.world_size:  # this rank's own streams
+            mine = rng["ranks"][dinfo.rank]
+            torch.set_rng_state(mine["torch"])
+            if "cuda" in mine and device_type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], device)
+            train_loader.generator.set_state(mine["loader"])
+        else:  # another world size: a fresh, deterministic stream per rank
             torch.manual_seed(seed + 1000003 * iter_num)
             train_loader.generator.manual_seed(seed + 1000003 * iter_num)
         log("resumed from %s at iter %d (best val loss %.4f)" % (ckpt_path, iter_num, best_val_loss))
@@ -199,7 +221,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
 
     raw_model = model
     model = runtime.compile_model(model, cfg.compile, device_type, log)
-    if dinfo.enabled:
+    if dinfo.enabled and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dinfo.local_rank] if device_type == "cuda" else None)
     ctx = runtime.autocast(device_type, dtype, cache=not cfg.activation_checkpointing)
@@ -238,10 +260,10 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         return out
 
     def model_state() -> dict:
-        return raw_model.state_dict()
+        return fsdp.full_model_state(raw_model) if sharded else raw_model.state_dict()
 
     def optimizer_state() -> dict:
-        return optimizer.state_dict()
+        return fsdp.full_optimizer_state(raw_model, optimizer) if sharded else optimizer.state_dict()
 
     def save_checkpoint(reason: str) -> None:
         """Called on every rank (gathering sharded state may need them all); rank 0 writes."""
@@ -257,6 +279,11 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         }
         train_state = {"optimizer": optimizer_state(),
                        "rng": {**checkpoint.rng_state(), "loader": train_loader.state_dict()}}
+        if dinfo.enabled:  # the other ranks' dropout and batch streams, so a resume repeats them too
+            mine = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
+            if device_type == "cuda":
+                mine["cuda"] = torch.cuda.get_rng_state(device)
+            train_state["rng"]["ranks"] = dist.gather_states(mine, dinfo, device)
         if scaler.is_enabled():
             train_state["scaler"] = scaler.state_dict()
         if master:
@@ -284,15 +311,16 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
 
     def check_finite() -> None:
         """Stop, without saving, at a nan/inf loss on any rank (a device sync: log steps and saves only)."""
-        bad = first_bad.clone()
-        if dinfo.enabled:
-            bad = dist.max_over_ranks(bad, dinfo)
-        bad = int(bad.item())
+        bad = int(dist.earliest_over_ranks(first_bad, dinfo).item())  # every rank stops, naming the first bad iteration
         if bad >= 0:
             last_good = os.path.join(cfg.out_dir, "ckpt.pt")
             kept = ("%s is left as it was" % last_good) if os.path.exists(last_good) else "no checkpoint was written"
             raise UserError("the loss became nan/inf at iter %d; stopped without saving (%s); lower learning_rate, "
                             "raise warmup_iters or use dtype=bfloat16/float32" % (bad, kept))
+
+    def no_sync():
+        """Skip the gradient reduction in a micro-step that is not its step's last."""
+        return fsdp.no_sync(raw_model) if sharded else model.no_sync()
 
     stop = StopFlag()
     stop.install()
@@ -333,7 +361,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
             step_loss = torch.zeros((), device=device)
             for micro in range(n_micro):
                 X, Y = train_loader.next()
-                sync = nullcontext() if (not dinfo.enabled or micro == n_micro - 1) else model.no_sync()
+                sync = nullcontext() if (not dinfo.enabled or micro == n_micro - 1) else no_sync()
                 with sync:
                     with ctx:
                         _, loss = model(X, Y)
@@ -345,6 +373,8 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
             if (cfg.grad_clip > 0 or log_step) and not cfg.optimizer_in_backward:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if sharded:  # a replicated DTensor
+                    grad_norm = grad_norm.full_tensor()
                 if cfg.grad_clip > 0:
                     clipped += grad_norm > cfg.grad_clip
             if layer_stats:
@@ -403,8 +433,8 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
             iter_num += 1
 
             stopping = stop.signal is not None
-            if dinfo.enabled and (log_step or stopping):
-                stopping = dist.any_rank(stopping, dinfo, device)
+            if dinfo.enabled:  # every rank asks at the same steps, or the collectives would mismatch
+                stopping = dist.any_rank(stopping, dinfo, device) if log_step else False
             if stopping:
                 log("caught a stop signal at iter %d" % iter_num)
                 if cfg.always_save_checkpoint:
@@ -441,6 +471,11 @@ def layer_of(name: str) -> str:
     return ".".join(parts[:3]) if len(parts) > 2 and parts[1] == "h" else ".".join(parts[:2])
 
 
+def _scalar(t: torch.Tensor) -> float:
+    """A scalar tensor as a float; a DTensor (under FSDP) is first reduced over the ranks, which all call this."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 def layer_report(named, before: dict, grads: dict) -> dict:
     """Per layer: gradient norm (None where gradients were freed in backward), weight norm, and
     the norm of this step's update over the weight norm."""
@@ -448,12 +483,12 @@ def layer_report(named, before: dict, grads: dict) -> dict:
     for n, p in named:
         acc = sq.setdefault(layer_of(n), {"grad": 0.0, "weight": 0.0, "update": 0.0, "has_grad": True})
         w = p.detach().float()
-        acc["weight"] += float(w.square().sum())
-        acc["update"] += float((w - before[n]).square().sum())
+        acc["weight"] += _scalar(w.square().sum())
+        acc["update"] += _scalar((w - before[n]).square().sum())
         if grads[n] is None:
             acc["has_grad"] = False
         else:
-            acc["grad"] += float(grads[n]) ** 2
+            acc["grad"] += _scalar(grads[n]) ** 2
     return {k: {"grad_norm": math.sqrt(v["grad"]) if v["has_grad"] else None, "weight_norm": math.sqrt(v["weight"]),
                 "update_ratio": math.sqrt(v["update"]) / max(math.sqrt(v["weight"]), 1e-12)} for k, v in sq.items()}
 
