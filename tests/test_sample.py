@@ -43,3 +43,12 @@ def test_sample_greedy_matches_hugging_face(tmp_path, gpt2_bpe_env, monkeypatch)
                        cwd=ROOT, capture_output=True, text=True, encoding="utf-8", env=gpt2_bpe_env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n---------------\n")[0] == expected
+
+
+def test_a_dataset_folder_without_meta_is_skipped(data_root, tmp_path):
+    """A fresh clone's data/shakespeare_char holds input.txt only: the vocabulary must come from
+    the training run's prepared folder, not fall back to GPT-2 BPE."""
+    from nanogpt.sample import tokenizer_for
+    (tmp_path / "shakespeare_char").mkdir()
+    tok, vocab = tokenizer_for({"dataset": "shakespeare_char", "data_root": str(data_root)}, str(tmp_path))
+    assert vocab == 65 and tok.decode(tok.encode("Hello")) == "Hello" and len(tok.encode("Hello")) == 5

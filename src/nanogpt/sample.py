@@ -35,7 +35,8 @@ def tokenizer_for(train_config: dict | None, data_root: str):
             folder = os.path.join(root or "", train_config["dataset"])
             if root and os.path.isdir(folder):
                 meta = load_meta(folder)
-                break
+                if meta:  # a folder without meta.json (say, a fresh clone's data/) is not the dataset
+                    break
     return load_tokenizer(meta), (meta or {}).get("vocab_size")
 
 
