@@ -87,14 +87,6 @@ def any_rank(flag: bool, info: DistInfo, device: str) -> bool:
     return bool(t.item())
 
 
-def max_over_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The element-wise maximum of ``x`` over all ranks (a copy; ``x`` is left as it was)."""
-    x = x.clone()
-    if info.enabled:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
-
-
 def earliest_over_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """For an integer ``x`` where -1 means "not yet": the smallest non-negative value over all
     ranks, or -1 when no rank has one (a copy; ``x`` is left as it was)."""
