@@ -175,9 +175,14 @@ class StripedAdamW(torch.optim.Optimizer):
                 continue
             fast = self.foreach if self.foreach is not None else params[0].is_cuda
             if fast and self.state_dtype is None:
-                simple = [p for p in params if p.grad.dtype == p.dtype == torch.float32 and not p.grad.is_sparse]
-                self._foreach_step([p for p in simple if p.dim() >= 2], [p for p in simple if p.dim() < 2], group)
-                params = [p for p in params if not any(p is q for q in simple)]
+                mats, vecs, rest = [], [], []
+                for p in params:  # float32 dense gradients go to the multi-tensor path
+                    if p.grad.dtype != torch.float32 or p.dtype != torch.float32 or p.grad.is_sparse:
+                        rest.append(p)
+                    else:
+                        (mats if p.dim() >= 2 else vecs).append(p)
+                self._foreach_step(mats, vecs, group)
+                params = rest
             for p in params:
                 self._update(p, group)
         return loss
@@ -260,14 +265,13 @@ class StripedAdamW(torch.optim.Optimizer):
         if p.dim() >= 2:
             r, c = _local(st["row"]), _local(st["col"])
             g2 = g.square()
+            # sums over this rank's piece, then over the ranks that split the matrix (none when it
+            # is whole), divided by the full size
+            rows, cols = g2.sum(dim=-1), g2.sum(dim=-2)
             split_rows, split_cols = _split_groups(p)
-            if split_rows or split_cols:  # sum the pieces over the ranks, then divide by the full size
-                rows, cols = g2.sum(dim=-1), g2.sum(dim=-2)
-                _sum_over([rows, cols], [split_cols, split_rows])
-                rows.div_(p.shape[-1])
-                cols.div_(p.shape[-2])
-            else:
-                rows, cols = g2.mean(dim=-1), g2.mean(dim=-2)
+            _sum_over([rows, cols], [split_cols, split_rows])
+            rows.div_(p.shape[-1])
+            cols.div_(p.shape[-2])
             r.mul_(b2).add_(rows, alpha=1 - b2)  # (..., rows)
             c.mul_(b2).add_(cols, alpha=1 - b2)  # (..., cols)
             del g2, rows, cols
