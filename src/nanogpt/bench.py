@@ -39,11 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 def bench(argv: list[str]) -> dict:
     cfg, _ = load_config(BenchConfig, argv)
     cfg.validate()
-    device = runtime.resolve_device(cfg.device)
-    device_type = device.split(":")[0]
-    dtype = runtime.resolve_dtype(cfg.dtype, device_type)
-    runtime.setup_backends(device_type)
-    torch.manual_seed(cfg.seed)
+    device, device_type, dtype = runtime.setup(cfg.device, cfg.dtype, cfg.seed)
 
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
     if cfg.real_data and os.path.isfile(os.path.join(data_dir, "train.bin")):

@@ -448,11 +448,7 @@ def evaluate(argv: list[str]) -> dict:
     from .sample import load_model, tokenizer_for
     cfg, _ = load_config(EvalConfig, argv)
     cfg.validate()
-    device = runtime.resolve_device(cfg.device)
-    device_type = device.split(":")[0]
-    dtype = runtime.resolve_dtype(cfg.dtype, device_type)
-    runtime.setup_backends(device_type)
-    torch.manual_seed(cfg.seed)
+    device, device_type, dtype = runtime.setup(cfg.device, cfg.dtype, cfg.seed)
     # task files first: a missing checksum or a failed download should not wait for the model
     files = {task: task_file(task, getattr(cfg, task), cfg) for task in DOWNLOADS if getattr(cfg, task)}
 

@@ -77,6 +77,17 @@ def autocast(device_type: str, dtype: str, cache: bool = True):
     return torch.autocast(device_type=device_type, dtype=PTDTYPE[dtype], cache_enabled=cache)
 
 
+def setup(device: str, dtype: str, seed: int) -> tuple[str, str, str]:
+    """The common start of a command: resolve device and dtype, set backends, seed every device.
+    Returns (device, device_type, dtype)."""
+    device = resolve_device(device)
+    device_type = device.split(":")[0]
+    dtype = resolve_dtype(dtype, device_type)
+    setup_backends(device_type)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return device, device_type, dtype
+
+
 def setup_backends(device_type: str) -> None:
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

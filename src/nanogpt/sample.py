@@ -58,13 +58,7 @@ def sample(argv: list[str]) -> list[str]:
     cfg, _ = load_config(SampleConfig, argv)
     cfg.validate()
     prompt = read_start(cfg.start)
-    device = runtime.resolve_device(cfg.device)
-    device_type = device.split(":")[0]
-    dtype = runtime.resolve_dtype(cfg.dtype, device_type)
-    runtime.setup_backends(device_type)
-    torch.manual_seed(cfg.seed)
-    if device_type == "cuda":
-        torch.cuda.manual_seed(cfg.seed)
+    device, device_type, dtype = runtime.setup(cfg.device, cfg.dtype, cfg.seed)
 
     model, train_config = load_model(cfg.init_from, cfg.out_dir)
     model.eval().to(device)

@@ -307,7 +307,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     params = [p for _, p in named]
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first iteration with a non-finite loss
     clipped = torch.zeros((), dtype=torch.long, device=device)  # steps clipped since the last log line
-    health = {"clipped": 0, "steps": 0, "spikes": 0, "loss_ema": None}
+    health = {"clipped": 0, "spikes": 0, "loss_ema": None}
 
     def check_finite() -> None:
         """Stop, without saving, at a nan/inf loss on any rank (a device sync: log steps and saves only)."""
@@ -385,7 +385,6 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
             iters_since += 1
             tokens_since += n_micro * micro_tokens
             tokens_seen += n_micro * micro_tokens
-            health["steps"] += 1
 
             if log_step:
                 lossf = step_loss.item()  # a device sync, only at log steps
@@ -459,7 +458,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                ", peak memory %.2f GiB" % (mem / 2**30) if mem else ""))
         if cfg.grad_clip > 0 and not cfg.optimizer_in_backward:
             log("gradients clipped in %d of %d steps; %d loss spike(s) reported"
-                % (health["clipped"], health["steps"], health["spikes"]))
+                % (health["clipped"], done, health["spikes"]))
     if stop.signal is not None:
         raise SystemExit(128 + stop.signal)
     return summary
