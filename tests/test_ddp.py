@@ -347,7 +347,8 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_next_log_step(data_root, t
 
 def test_accumulation_steps_must_divide_the_world_size(data_root, tmp_path, monkeypatch):
     validate_train(TrainConfig(gradient_accumulation_steps=6), 3)
-    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(4\) must be divisible by the number of processes \(3\)"):
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(4\) must be divisible by the number of processes \(3\); "
+                                          r"pass e.g. --gradient_accumulation_steps=6$"):
         validate_train(TrainConfig(gradient_accumulation_steps=4), 3)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun would set it: refused before any process group

@@ -254,8 +254,9 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("init_from must be one of %s or an existing Hugging Face model folder; got %r"
                           % (", ".join(known), cfg.init_from))
     if cfg.gradient_accumulation_steps % world_size:
-        raise ConfigError("gradient_accumulation_steps (%d) must be divisible by the number of processes (%d)"
-                          % (cfg.gradient_accumulation_steps, world_size))
+        n = -(-cfg.gradient_accumulation_steps // world_size) * world_size
+        raise ConfigError("gradient_accumulation_steps (%d) must be divisible by the number of processes (%d); "
+                          "pass e.g. --gradient_accumulation_steps=%d" % (cfg.gradient_accumulation_steps, world_size, n))
     _check_choice(cfg, "optimizer_state_dtype", ("float32", "bfloat16"))
     if cfg.optimizer_state_dtype == "bfloat16" and cfg.optimizer != "striped_adamw":
         raise ConfigError("optimizer_state_dtype='bfloat16' works with optimizer='striped_adamw' only; got optimizer=%r" % cfg.optimizer)
