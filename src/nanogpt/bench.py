@@ -59,12 +59,14 @@ def bench(argv: list[str]) -> dict:
         source = "random tokens"
 
     gconf = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, rope=cfg.rope,
+                      qk_norm=cfg.qk_norm, mlp_activation=cfg.mlp_activation, untied_head=cfg.untied_head)
     with torch.device(device):  # initialise in place: a 1.5B model builds in seconds on a GPU
         model = GPT(gconf)
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (0.9, 0.95), device_type,
-                                state_dtype=cfg.optimizer_state_dtype, in_backward=cfg.optimizer_in_backward, seed=cfg.seed)
+                                state_dtype=cfg.optimizer_state_dtype, in_backward=cfg.optimizer_in_backward, seed=cfg.seed,
+                                muon_lr=cfg.muon_lr)
     flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     model = runtime.compile_model(model, cfg.compile, device_type)
     ctx = runtime.autocast(device_type, dtype, cache=not cfg.activation_checkpointing)

@@ -167,7 +167,11 @@ def load_model(path: str, dropout: float = 0.0):
     margs = dict(ckpt["model_args"], dropout=dropout)
     model = GPT(GPTConfig(**margs))
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError("weights in %s do not fit the model: %s" % (path, str(e).splitlines()[0])) from None
+        got = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:  # a shape mismatch: name the first one
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln] or str(e).splitlines()[:1]
+        raise CheckpointError("weights in %s do not fit the model: %s" % (path, lines[0])) from None
+    if got.missing_keys or got.unexpected_keys:
+        raise CheckpointError("weights in %s do not fit the model: missing %s; unexpected %s" % (
+            path, ", ".join(got.missing_keys[:3]) or "none", ", ".join(got.unexpected_keys[:3]) or "none"))
     return model, ckpt

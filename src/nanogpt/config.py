@@ -80,8 +80,15 @@ class TrainConfig:
     bias: bool = _f(False, "Bias in Linear and LayerNorm layers (GPT-2 has them; False is slightly better and faster).")
     vocab_size: int = _f(0, "Vocabulary size; 0 takes it from the dataset's meta.json, or 50304 (GPT-2's 50257 padded) without one.")
     vocab_multiple: int = _f(1, "Round the vocabulary up to a multiple of this (64 helps GPU matmuls); padded ids are never sampled.")
+    # optional model features (the defaults are GPT-2's architecture)
+    rope: bool = _f(False, "Rotary position embeddings (RoPE) on queries and keys instead of GPT-2's learned position table.")
+    qk_norm: bool = _f(False, "RMS-normalise queries and keys per head before attention (steadier at high learning rates).")
+    mlp_activation: str = _f("gelu", "MLP non-linearity: 'gelu' (GPT-2's tanh GELU) or 'relu2' (ReLU squared).")
+    untied_head: bool = _f(False, "Give the output layer its own weights instead of sharing the token embeddings.")
     # optimizer
-    optimizer: str = _f("adamw", "Optimizer: 'adamw' (8 bytes of state per parameter), 'striped_adamw' (Adam's first moment, factored second moment: about 4), 'adafactor' (torch's, no momentum: about 0).")
+    optimizer: str = _f("adamw", "Optimizer: 'adamw' (8 bytes of state per parameter), 'striped_adamw' (Adam's first moment, factored second moment: about 4), 'adafactor' (torch's, no momentum: about 0), 'muon' (Muon for the matrices inside the blocks, AdamW for the rest).")
+    muon_lr: float = _f(0.02, "optimizer='muon': peak learning rate of the Muon matrices (the others take learning_rate; one schedule scales both).")
+    muon_momentum: float = _f(0.95, "optimizer='muon': momentum of the Muon matrices (Nesterov).")
     optimizer_state_dtype: str = _f("float32", "Dtype of striped_adamw's first moment: 'float32' or 'bfloat16' (stochastic rounding, half the bytes).")
     optimizer_in_backward: bool = _f(False, "Step each parameter inside backward as soon as its gradient is ready and free it: no full set of gradients is held. Needs gradient_accumulation_steps=1, grad_clip=0, one process, no float16.")
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward instead of storing them: less memory, about a third more compute.")
@@ -155,12 +162,17 @@ class BenchConfig:
     bias: bool = _f(False, "Bias in Linear and LayerNorm layers.")
     dropout: float = _f(0.0, "Dropout probability.")
     vocab_size: int = _f(50304, "Vocabulary size (50304 = GPT-2's padded to a multiple of 64).")
+    rope: bool = _f(False, "Rotary position embeddings instead of the learned position table.")
+    qk_norm: bool = _f(False, "RMS-normalise queries and keys per head.")
+    mlp_activation: str = _f("gelu", "'gelu' (GPT-2's tanh GELU) or 'relu2'.")
+    untied_head: bool = _f(False, "An output layer of its own instead of the tied token embeddings.")
     real_data: bool = _f(True, "Read batches from data_root/dataset when it exists; otherwise random tokens.")
     dataset: str = _f("openwebtext", "Dataset for real_data.")
     data_root: str = _f("data", "Folder that holds the dataset folders.")
     learning_rate: float = _f(6e-4, "Learning rate used in the timed steps.")
     weight_decay: float = _f(1e-1, "Weight decay.")
-    optimizer: str = _f("adamw", "'adamw', 'striped_adamw' or 'adafactor'.")
+    optimizer: str = _f("adamw", "'adamw', 'striped_adamw', 'adafactor' or 'muon'.")
+    muon_lr: float = _f(0.02, "optimizer='muon': learning rate of the Muon matrices.")
     optimizer_state_dtype: str = _f("float32", "striped_adamw's first-moment dtype: 'float32' or 'bfloat16'.")
     optimizer_in_backward: bool = _f(False, "Step each parameter inside backward (no full gradient buffer).")
     activation_checkpointing: bool = _f(False, "Recompute block activations in backward.")
@@ -189,10 +201,20 @@ class BenchConfig:
         if self.n_embd % self.n_head:
             raise ConfigError("n_embd (%d) must be divisible by n_head (%d)" % (self.n_embd, self.n_head))
         _check_choice(self, "dtype", DTYPES)
+        _check_model_features(self)
+        if self.optimizer == "muon" and self.optimizer_in_backward:
+            raise ConfigError("optimizer='muon' cannot step inside backward; pass --optimizer_in_backward=False")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OPTIMIZERS = ("adamw", "striped_adamw", "adafactor")
+OPTIMIZERS = ("adamw", "striped_adamw", "adafactor", "muon")
+MODEL_FEATURES = {"rope": False, "qk_norm": False, "mlp_activation": "gelu", "untied_head": False}  # GPT-2's values
+
+
+def _check_model_features(cfg) -> None:
+    _check_choice(cfg, "mlp_activation", ("gelu", "relu2"))
+    if cfg.rope and (cfg.n_embd // cfg.n_head) % 2:
+        raise ConfigError("rope=True needs an even head size; n_embd/n_head is %d" % (cfg.n_embd // cfg.n_head))
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -237,6 +259,21 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
             raise ConfigError("warmup_iters (%d) must not exceed lr_decay_iters (%d)" % (cfg.warmup_iters, cfg.lr_decay_iters))
     _check_choice(cfg, "optimizer", OPTIMIZERS)
     _check_choice(cfg, "dtype", DTYPES)
+    _check_model_features(cfg)
+    if cfg.optimizer == "muon":
+        if cfg.muon_lr <= 0:
+            raise ConfigError("muon_lr must be > 0; got %r" % cfg.muon_lr)
+        if not 0.0 <= cfg.muon_momentum < 1.0:
+            raise ConfigError("muon_momentum must be in [0, 1); got %r" % cfg.muon_momentum)
+        if cfg.optimizer_in_backward:
+            raise ConfigError("optimizer='muon' cannot step inside backward; pass --optimizer_in_backward=False")
+        if cfg.parallelism == "fsdp":
+            raise ConfigError("optimizer='muon' needs whole matrices, which parallelism='fsdp' shards; use --parallelism=ddp or another optimizer")
+    if cfg.init_from not in ("scratch", "resume"):
+        for k, v in MODEL_FEATURES.items():
+            if getattr(cfg, k) != v:
+                raise ConfigError("%s=%r changes the architecture, but init_from=%r loads GPT-2 as it is; drop --%s or train from scratch"
+                                  % (k, getattr(cfg, k), cfg.init_from, k))
     _check_choice(cfg, "backend", ("auto", "nccl", "gloo"))
     _check_choice(cfg, "parallelism", ("ddp", "fsdp"))
     if cfg.parallelism == "fsdp":

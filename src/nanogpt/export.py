@@ -37,7 +37,7 @@ EOT_TEXT = "<|endoftext|>"
 GPT2_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
 # other model_args keys that still describe a GPT-2 at exactly these values (a feature switched
 # off); every key in neither table is refused, so a new feature is never exported silently
-GPT2_EQUIVALENT = {"rope": False, "qk_norm": False, "untied_head": False}
+GPT2_EQUIVALENT = {"rope": False, "qk_norm": False, "untied_head": False, "mlp_activation": "gelu"}
 # weights that GPT-2 keeps as Conv1D (in, out): the transpose of our nn.Linear (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT-2's BPE files; Hugging Face calls them vocab.json and merges.txt
@@ -264,18 +264,14 @@ def load_source(cfg: ExportConfig) -> tuple[GPT, dict, dict | None, str, str | N
     """(model, model_args, training config or None, a name for messages, checkpoint path or None)."""
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
+        ckpt = checkpoint.load(path)
+        check_gpt2_compatible(ckpt["model_args"], path)  # before building: a feature must not just fail to load
+        args = {k: v for k, v in ckpt["model_args"].items() if k in GPT2_FIELDS}
+        model = GPT(GPTConfig(**dict(args, dropout=0.0)))
         try:
-            model, ckpt = checkpoint.load_model(path)
-        except TypeError:  # model_args has keys this GPTConfig lacks: fine only if they leave it a GPT-2
-            ckpt = checkpoint.load(path)
-            check_gpt2_compatible(ckpt["model_args"], path)
-            args = {k: v for k, v in ckpt["model_args"].items() if k in GPT2_FIELDS}
-            model = GPT(GPTConfig(**dict(args, dropout=0.0)))
-            try:
-                model.load_state_dict(ckpt["model"])
-            except RuntimeError as e:
-                raise ExportError("weights in %s do not fit a GPT-2: %s" % (path, str(e).splitlines()[0])) from None
-        check_gpt2_compatible(ckpt["model_args"], path)
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ExportError("weights in %s do not fit a GPT-2: %s" % (path, str(e).splitlines()[0])) from None
         name = "%s (iter %s)" % (path, ckpt.get("iter_num"))
         return model, dict(ckpt["model_args"]), ckpt.get("config") or {}, name, path
     try:

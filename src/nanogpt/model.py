@@ -28,6 +28,11 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linear and LayerNorm layers, as in GPT-2
+    # optional features; the defaults are GPT-2
+    rope: bool = False  # rotary position embeddings on q and k instead of the learned wpe
+    qk_norm: bool = False  # RMS-normalise q and k per head before attention
+    mlp_activation: str = "gelu"  # 'gelu' (GPT-2's tanh GELU) or 'relu2' (ReLU, squared)
+    untied_head: bool = False  # an output layer of its own instead of the token embeddings
 
 
 class KVCache:
@@ -56,6 +61,21 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
 
+def rotary_tables(config: GPTConfig, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (block_size, hs/2) of RoPE's angles: position t turns channel pair i by t * base^(-2i/hs)."""
+    hs = config.n_embd // config.n_head
+    inv_freq = base ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)  # (hs/2,)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (i, i + hs/2) of x (B, nh, T, hs) by its angle; cos, sin (T, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -66,13 +86,18 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, step=None):
+    def forward(self, x, rot=None, cache: KVCache | None = None, layer: int = 0, step=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rot is not None:  # RoPE: (cos, sin) of these positions, (T, hs/2) each
+            q, k = apply_rotary(q, *rot), apply_rotary(k, *rot)
         mask, causal = None, True
         if step is not None:  # one token at a device-held position: attend to the whole cache, masked
             pos, mask = step
@@ -99,12 +124,15 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.relu2 = config.mlp_activation == "relu2"
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's own GELU
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+        h = self.c_fc(x)  # (B, T, 4C)
+        h = F.relu(h).square() if self.relu2 else self.gelu(h)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -115,24 +143,32 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, step=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, step)
+    def forward(self, x, rot=None, cache: KVCache | None = None, layer: int = 0, step=None):
+        x = x + self.attn(self.ln_1(x), rot, cache, layer, step)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.mlp_activation not in ("gelu", "relu2"):
+            raise ValueError("mlp_activation must be 'gelu' or 'relu2'; got %r" % config.mlp_activation)
+        if config.rope and (config.n_embd // config.n_head) % 2:
+            raise ValueError("rope needs an even head size; n_embd/n_head is %d" % (config.n_embd // config.n_head))
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
+        if config.rope:  # positions enter as rotations of q and k: no learned table
+            cos, sin = rotary_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.drop = nn.Dropout(config.dropout)
+        self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.transformer.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if not config.untied_head:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.activation_checkpointing = False  # a training choice, not part of the architecture
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by sqrt(2 * n_layer)
@@ -148,10 +184,22 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; position embeddings are left out by default (token embeddings count
-        once, as the tied output layer)."""
+        """Parameter count. non_embedding leaves out the lookup tables (position embeddings, and
+        the token embeddings unless they are the tied output layer): the weights that cost FLOPs."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if self.config.untied_head:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def _positions(self, x, pos):
+        """Add position information for positions ``pos`` (T,) to x (B, T, C): the learned table,
+        or, with RoPE, return the (cos, sin) rows that attention turns q and k by."""
+        if self.config.rope:
+            return x, (self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos))
+        return x + self.transformer.wpe(pos), None
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
         """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with last_only; loss with targets."""
@@ -160,12 +208,13 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError("sequence of %d tokens exceeds block_size %d" % (start + T, self.config.block_size))
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x, rot = self._positions(self.transformer.wte(idx), pos)  # (B, T, C)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)  # recomputed in backward
+                x = checkpoint(block, x, rot, use_reentrant=False)  # recomputed in backward
             else:
-                x = block(x, cache, i)
+                x = block(x, rot, cache, i)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
@@ -182,16 +231,19 @@ class GPT(nn.Module):
         Every shape is fixed, whatever the position, so the step can be captured as a CUDA graph."""
         L = cache.k.size(3)
         mask = (torch.arange(L, device=idx.device) <= pos).view(1, 1, 1, L)  # keys written so far
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, 1, C)
+        x, rot = self._positions(self.transformer.wte(idx), pos)  # (B, 1, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, (pos, mask))
+            x = block(x, rot, cache, i, (pos, mask))
         return self.lm_head(self.transformer.ln_f(x))[:, -1, :]  # (B, V)
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (e.g. load GPT-2's 1024 and train at 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.config.rope:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+        else:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 per weight plus attention scores."""

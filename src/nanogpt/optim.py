@@ -1,5 +1,5 @@
 """Optimizers: parameter groups (decay only on matrices and embeddings), the factory that picks
-one by name, StripedAdamW, and the optimizer-step-in-backward wrapper."""
+one by name, StripedAdamW, Muon, and the optimizer-step-in-backward wrapper."""
 
 from __future__ import annotations
 
@@ -299,6 +299,120 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # low 16 bits are zero: exact
 
 
+# --------------------------------------------------------------------------------------------
+# Muon
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to g (..., m, n), approximately: a quintic Newton-Schulz
+    iteration pushes every singular value of g / |g| towards 1 (into about [0.7, 1.2]) while
+    keeping the singular vectors. Runs in bfloat16 on CUDA, float32 elsewhere."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # pulls small singular values up fast; stays bounded
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:
+        x = x.mT  # iterate on the short side: (m, m) products
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        s = x @ x.mT  # (..., m, m)
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x if wide else x.mT).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the hidden matrices, AdamW for everything else, in one optimizer.
+
+    Groups with ``muon=True`` hold 2-D weights. Each step keeps a momentum buffer
+    (``buf <- mu buf + (1 - mu) g``), takes the Nesterov blend ``g + mu (buf - g)``, replaces it
+    by its orthogonalised form (every singular value about 1: each direction moves the same
+    amount) and steps ``p <- p - lr sqrt(max(1, m/n)) O``. ``split=k`` orthogonalises k equal
+    row blocks on their own (the fused q, k, v projection is three matrices). Decoupled weight
+    decay ``p <- p - (lr / lr_ratio) wd p``: a group's ``lr_ratio`` (Muon's learning rate over
+    AdamW's, 1 when absent) is divided out, so a weight decay shrinks the weights per step as
+    much as it would under AdamW.
+
+    Other groups (embeddings, the head, biases and norms) take a plain AdamW step with
+    ``betas``/``eps``. State: one buffer per Muon matrix (4 bytes per entry), two per AdamW one.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.0, ns_steps: int = 5):
+        if lr < 0 or not 0.0 <= momentum < 1.0 or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError("invalid Muon hyper-parameters: lr=%r momentum=%r betas=%r" % (lr, momentum, betas))
+        super().__init__(params, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      ns_steps=ns_steps, muon=False, split=1))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if group["muon"] and p.dim() != 2:
+                    raise ValueError("Muon groups take matrices only; got a tensor of shape %s" % tuple(p.shape))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["muon"]:
+                    self._muon(p, group)
+                else:
+                    self._adamw(p, group)
+        return loss
+
+    def _muon(self, p: torch.Tensor, group: dict) -> None:
+        g, st, mu = p.grad, self.state[p], group["momentum"]
+        if not st:
+            st["momentum_buffer"] = torch.zeros_like(p)
+        buf = st["momentum_buffer"]
+        buf.lerp_(g, 1 - mu)
+        u = g.lerp(buf, mu)  # Nesterov: look one momentum step ahead
+        k = group["split"]
+        u = u.view(k, p.size(0) // k, p.size(1))  # (k, m, n)
+        o = orthogonalize(u, group["ns_steps"]).view_as(p)
+        m, n = u.shape[-2:]
+        p.mul_(1 - group["lr"] / group.get("lr_ratio", 1.0) * group["weight_decay"])
+        p.add_(o, alpha=-group["lr"] * max(1.0, m / n) ** 0.5)
+
+    def _adamw(self, p: torch.Tensor, group: dict) -> None:
+        g, st = p.grad, self.state[p]
+        (b1, b2), lr = group["betas"], group["lr"]
+        if not st:
+            st["step"] = 0  # a Python int: no device sync to read it
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        st["step"] += 1
+        t = st["step"]
+        st["exp_avg"].lerp_(g, 1 - b1)
+        st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        p.mul_(1 - lr * group["weight_decay"])
+        denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+        p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+
+
+def muon_groups(model: torch.nn.Module, weight_decay: float, learning_rate: float, muon_lr: float) -> list[dict]:
+    """Muon takes the 2-D weights inside the Transformer blocks; AdamW the embeddings, the head
+    and every vector. ``lr_ratio`` (Muon's learning rate over AdamW's) rides along in the Muon
+    groups so that one schedule drives both."""
+    lr_ratio = muon_lr / learning_rate
+    qkv, hidden, other_decay, other = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() == 2 and ".h." in "." + name:
+            (qkv if name.endswith("attn.c_attn.weight") else hidden).append(p)
+        elif p.dim() >= 2:
+            other_decay.append(p)
+        else:
+            other.append(p)
+    muon = dict(muon=True, weight_decay=weight_decay, lr=muon_lr, lr_ratio=lr_ratio)
+    groups = [dict(muon, params=qkv, split=3), dict(muon, params=hidden),
+              {"params": other_decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 class OptimizerInBackward:
     """Runs the optimizer for each parameter as soon as its gradient is ready (a
     post-accumulate-grad hook) and frees that gradient, so no full set of gradients is ever held.
@@ -356,13 +470,18 @@ def optimizer_state_bytes(opt) -> int:
                if k != "step" and torch.is_tensor(v))
 
 
-OPTIMIZERS = ("adamw", "striped_adamw", "adafactor")
+OPTIMIZERS = ("adamw", "striped_adamw", "adafactor", "muon")
 
 
 def build_optimizer(model: torch.nn.Module, name: str, learning_rate: float, weight_decay: float,
                     betas: tuple[float, float], device_type: str, eps: float = 1e-8, state_dtype: str = "float32",
-                    in_backward: bool = False, seed: int = 0):
+                    in_backward: bool = False, seed: int = 0, muon_lr: float = 0.02, muon_momentum: float = 0.95):
     groups = param_groups(model, weight_decay)
+    if name == "muon":
+        if in_backward or state_dtype != "float32":
+            raise ConfigError("optimizer='muon' works with optimizer_in_backward=False and optimizer_state_dtype='float32' only")
+        return Muon(muon_groups(model, weight_decay, learning_rate, muon_lr), lr=learning_rate,
+                    momentum=muon_momentum, betas=betas, eps=eps)
     if name == "adamw":
         if state_dtype != "float32":
             raise ConfigError("optimizer_state_dtype=%r works with optimizer='striped_adamw' only" % state_dtype)

@@ -25,7 +25,8 @@ from .data import BatchLoader, DataError, dataset_dir, prepare_hint
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, describe, param_groups
 
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "rope", "qk_norm", "mlp_activation",
+             "untied_head")
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -84,16 +85,18 @@ def build_model(cfg: TrainConfig, explicit: set, meta: dict | None, log) -> tupl
             log("no meta.json in the dataset folder: vocab_size defaults to 50304 (GPT-2's, padded)")
         vocab = -(-vocab // cfg.vocab_multiple) * cfg.vocab_multiple
         gconf = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                          n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+                          n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, rope=cfg.rope, qk_norm=cfg.qk_norm,
+                          mlp_activation=cfg.mlp_activation, untied_head=cfg.untied_head)
         return GPT(gconf), None
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = checkpoint.load(path)
         margs = ckpt["model_args"]
         for k in ARCH_KEYS:
-            if k in explicit and getattr(cfg, k) != margs[k] and not (k == "vocab_size" and getattr(cfg, k) == 0):
+            saved = margs.get(k, getattr(GPTConfig, k))  # a checkpoint from before the feature existed: its default
+            if k in explicit and getattr(cfg, k) != saved and not (k == "vocab_size" and getattr(cfg, k) == 0):
                 raise ConfigError("%s=%r disagrees with the checkpoint in %s (%s=%r); drop the override or train into a new --out_dir"
-                                  % (k, getattr(cfg, k), cfg.out_dir, k, margs[k]))
+                                  % (k, getattr(cfg, k), cfg.out_dir, k, saved))
         model, ckpt = checkpoint.load_model(path, dropout=cfg.dropout)
         return model, ckpt
     log("initialising from GPT-2 weights: %s" % cfg.init_from)
@@ -177,14 +180,15 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         log("fsdp: one process, nothing to shard; launch with torchrun to shard the model")
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                 device_type, eps=cfg.eps, state_dtype=cfg.optimizer_state_dtype,
-                                in_backward=cfg.optimizer_in_backward, seed=cfg.seed)
+                                in_backward=cfg.optimizer_in_backward, seed=cfg.seed, muon_lr=cfg.muon_lr,
+                                muon_momentum=cfg.muon_momentum)
     log(describe(param_groups(model, cfg.weight_decay)))
 
     iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
     if ckpt is not None:
         ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         prev = ckpt.get("config") or {}
-        for k in ("optimizer", "optimizer_in_backward", "optimizer_state_dtype"):
+        for k in ("optimizer", "optimizer_in_backward", "optimizer_state_dtype", "muon_momentum"):
             if k in prev and prev[k] != getattr(cfg, k):
                 raise checkpoint.CheckpointError("the checkpoint in %s was trained with %s=%r, not %r; pass --%s=%r to resume it"
                                                  % (cfg.out_dir, k, prev[k], getattr(cfg, k), k, prev[k]))
@@ -332,7 +336,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         while True:
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's matrices keep their own scale
 
             resumed_here = iter_num == start_iter and start_iter > 0 and not cfg.eval_only
             if cfg.eval_only or ((iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and not resumed_here):
