@@ -100,6 +100,16 @@ def test_cache_logits_equal_full_forward_with_rope():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_rope_tables_stay_float32_when_the_model_is_cast():
+    model = GPT(small(rope=True)).to(torch.bfloat16)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    cos, sin = rotary_tables(model.config)
+    assert model.rope_cos.dtype == torch.float32 and torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    idx = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        assert model(idx)[0].dtype == torch.bfloat16
+
+
 def test_crop_block_size_with_rope():
     torch.manual_seed(0)
     model = GPT(small(rope=True)).eval()

@@ -17,10 +17,14 @@ def test_kv_cache_greedy_equals_uncached_on_cuda():
     assert torch.equal(a, b)
 
 
+FEATURES = dict(rope=True, qk_norm=True, mlp_activation="relu2", untied_head=True)
+
+
+@pytest.mark.parametrize("features", [{}, FEATURES], ids=["gpt2", "features"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cuda_graph_decode_equals_eager_cache_and_uncached(batch):
+def test_cuda_graph_decode_equals_eager_cache_and_uncached(batch, features):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64)).cuda().eval()
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64, **features)).cuda().eval()
     idx = torch.randint(0, 256, (batch, 10), device="cuda")
     graph = model.generate(idx, 100, temperature=0)  # past block_size: the window slides, the graph is reused
     eager = model.generate(idx, 100, temperature=0, cuda_graph=False)
@@ -32,10 +36,15 @@ def test_cuda_graph_decode_equals_eager_cache_and_uncached(batch):
     assert torch.equal(g16, e16)  # the same fixed-shape step, replayed or run eagerly
 
 
-def test_bf16_train_steps_reduce_loss_compiled():
+@pytest.mark.parametrize("features", [{}, FEATURES], ids=["gpt2", "features+muon"])
+def test_bf16_train_steps_reduce_loss_compiled(features):
+    from nanogpt.optim import build_optimizer
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=64)).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=64, **features)).cuda()
+    if features:
+        opt = build_optimizer(model, "muon", 3e-3, 0.0, (0.9, 0.95), "cuda", muon_lr=0.02)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
     cmodel = torch.compile(model)
     x = torch.randint(0, 128, (8, 65), device="cuda")
     losses = []

@@ -50,7 +50,7 @@ def test_figure_contents(tmp_path):
     runs = {"a": plot.load_metrics(a), "b": plot.load_metrics(b)}
     fig = plot.make_figure(runs, smooth_n=3)
     titles = [ax.get_title() for ax in fig.axes]
-    assert len(fig.axes) == 5 and titles[-1] == "hellaswag/acc_norm"  # one panel for the task metric
+    assert len(fig.axes) == 6 and titles[-1] == "hellaswag/acc_norm"  # one panel for the task metric
     loss_ax = fig.axes[0]
     labels = [t.get_text() for t in loss_ax.get_legend().get_texts()]
     assert labels == ["a train", "a val", "b train", "b val"]
@@ -62,11 +62,16 @@ def test_figure_contents(tmp_path):
     assert list(lines[1].get_xdata()) == [0, 10, 20, 30, 40]
     tokens_ax = fig.axes[1]
     assert max(tokens_ax.get_lines()[1].get_xdata()) == 40 * 4096
-    grad_ax = fig.axes[3]
+    time_ax = fig.axes[2]
+    t0 = min(r["time"] for r in runs["a"])
+    want = [r["time"] - t0 for r in runs["a"] if r["kind"] == "eval"]
+    assert list(time_ax.get_lines()[1].get_xdata()) == pytest.approx(want)  # seconds from the first record
+    assert min(time_ax.get_lines()[0].get_xdata()) >= 0
+    grad_ax = fig.axes[4]
     assert len(grad_ax.get_lines()[0].get_xdata()) == 39  # the null grad norm is left out
 
     fig = plot.make_figure({"b": runs["b"]})
-    assert len(fig.axes) == 4  # no task metrics, no extra panel
+    assert len(fig.axes) == 5  # no task metrics, no extra panel
 
 
 def test_smooth():

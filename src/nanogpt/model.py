@@ -176,6 +176,15 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to() / .cuda() / .half() also reach the RoPE tables; rebuild them in float32 on the new
+        device, so a model cast to bfloat16 still turns q and k by exact angles."""
+        super()._apply(fn, *args, **kwargs)
+        if self.config.rope:
+            cos, sin = rotary_tables(self.config)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -107,7 +107,7 @@ def make_figure(runs: dict[str, list[dict]], smooth_n: int = 1):
     """A matplotlib Figure (Agg canvas) of the runs: {legend name: records}."""
     Figure, FigureCanvasAgg = _matplotlib()
     tasks = task_metrics(runs)
-    panels = ["loss_iter", "loss_tokens", "lr", "grad_norm"] + tasks
+    panels = ["loss_iter", "loss_tokens", "loss_time", "lr", "grad_norm"] + tasks
     ncols = 2
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(6.4 * ncols, 3.6 * nrows), layout="constrained")
@@ -115,12 +115,16 @@ def make_figure(runs: dict[str, list[dict]], smooth_n: int = 1):
     axes = {name: fig.add_subplot(nrows, ncols, i + 1) for i, name in enumerate(panels)}
     for i, (name, records) in enumerate(runs.items()):
         color = "C%d" % (i % 10)
-        for x, ax in (("iter", axes["loss_iter"]), ("tokens", axes["loss_tokens"])):
+        times = [t for t in (_number(r.get("time")) for r in records) if t is not None]
+        t0 = min(times) if times else 0.0
+        for x, ax in (("iter", axes["loss_iter"]), ("tokens", axes["loss_tokens"]), ("time", axes["loss_time"])):
             tx, ty = series(records, "train", x, "loss")
             if not tx:  # no log lines: the train loss of the evaluations
                 tx, ty = series(records, "eval", x, "train_loss")
-            ax.plot(tx, smooth(ty, smooth_n), color=color, lw=1.0, alpha=0.8, label="%s train" % name)
             vx, vy = series(records, "eval", x, "val_loss")
+            if x == "time":  # seconds since the run's first record
+                tx, vx = [t - t0 for t in tx], [t - t0 for t in vx]
+            ax.plot(tx, smooth(ty, smooth_n), color=color, lw=1.0, alpha=0.8, label="%s train" % name)
             ax.plot(vx, vy, color=color, lw=1.5, ls="--", marker="o", ms=3, label="%s val" % name)
         lx, ly = series(records, "train", "iter", "lr")
         if not lx:
@@ -132,11 +136,12 @@ def make_figure(runs: dict[str, list[dict]], smooth_n: int = 1):
             tx, ty = series(records, "eval", "iter", task)
             axes[task].plot(tx, ty, color=color, marker="o", ms=3, label=name)
     suffix = " (train smoothed over %d points)" % smooth_n if smooth_n > 1 else ""
-    titles = {"loss_iter": "loss" + suffix, "loss_tokens": "loss against tokens seen", "lr": "learning rate",
-              "grad_norm": "gradient norm (before clipping)"}
+    titles = {"loss_iter": "loss" + suffix, "loss_tokens": "loss against tokens seen",
+              "loss_time": "loss against wall time", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)"}
+    xlabels = {"loss_tokens": "tokens", "loss_time": "seconds since the first record"}
     for name, ax in axes.items():
         ax.set_title(titles.get(name, name))
-        ax.set_xlabel("tokens" if name == "loss_tokens" else "iteration")
+        ax.set_xlabel(xlabels.get(name, "iteration"))
         ax.grid(True, alpha=0.3)
         if name in ("loss_iter", "grad_norm") and _spread(ax) > 10:
             ax.set_yscale("log")  # spikes or a long fall: keep the end of the curve readable

@@ -183,6 +183,10 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                                 in_backward=cfg.optimizer_in_backward, seed=cfg.seed, muon_lr=cfg.muon_lr,
                                 muon_momentum=cfg.muon_momentum)
     log(describe(param_groups(model, cfg.weight_decay)))
+    if cfg.optimizer == "muon":
+        mats = [p for g in optimizer.param_groups if g.get("muon") for p in g["params"]]
+        log("muon: %d block matrices (%s parameters) at muon_lr=%g; embeddings, head and vectors with AdamW at learning_rate=%g"
+            % (len(mats), f"{sum(p.numel() for p in mats):,}", cfg.muon_lr, cfg.learning_rate))
 
     iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
     if ckpt is not None:
