@@ -219,6 +219,26 @@ def test_two_processes_equal_one_process_fed_the_same_micro_batches(ddp_run, dat
     assert moved > 1e-3 and other > 1e-3  # both 100x the tolerance
 
 
+def test_muon_and_model_features_under_ddp_equal_one_process(data_root, tmp_path, monkeypatch):
+    """The same equality with every optional model feature on and Muon. Muon orthogonalises the
+    reduced gradient on each rank alike; its Newton-Schulz iteration is smooth, so float32
+    summation-order differences stay of the same size as with AdamW (seen: about 1e-7)."""
+    feats = ("--rope=True", "--qk_norm=True", "--mlp_activation=relu2", "--untied_head=True", "--optimizer=muon",
+             "--muon_lr=0.02", "--max_iters=%d" % STEPS, "--lr_decay_iters=%d" % STEPS, "--eval_interval=%d" % STEPS)
+    r = torchrun(args(data_root, tmp_path / "ddp", *feats))
+    assert r.returncode == 0, output(r)
+    probe = {}
+    ddp_entry.install(monkeypatch.setattr, probe, interleave=2, micro_steps=K)
+    train(args(data_root, tmp_path / "ref", *feats))
+    monkeypatch.undo()
+    train(args(data_root, tmp_path / "plain", *feats))  # one process, its own stream only
+    ddp, ref, plain = weights(tmp_path / "ddp"), weights(tmp_path / "ref"), weights(tmp_path / "plain")
+    assert "lm_head.weight" in ddp and "transformer.wpe.weight" not in ddp
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], ref[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert max(float((plain[k] - ddp[k]).abs().max()) for k in ddp) > 1e-3  # other batches: 100x the tolerance
+
+
 def weights_at_init():
     """The weights every rank starts from: rank 0's initialisation (seed 1337), broadcast by DDP."""
     from nanogpt.model import GPT, GPTConfig

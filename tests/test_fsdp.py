@@ -28,6 +28,9 @@ fsdp_run = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fsdp_run)
 
 
+FEATURES = dict(rope=True, qk_norm=True, mlp_activation="relu2", untied_head=True)
+
+
 def argv(data_root, out_dir, **over):
     args = dict(device="cpu", compile=False, dtype="float32", n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True,
                 dropout=0.0, batch_size=4, gradient_accumulation_steps=4, max_iters=4, eval_interval=4, eval_iters=2,
@@ -39,12 +42,14 @@ def argv(data_root, out_dir, **over):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, data_root):
-    """Runs, in one torchrun launch of two processes: the optimizer checks; 4 steps with AdamW
-    and with StripedAdamW; a copy of the StripedAdamW run; its resume to 6 steps."""
+    """Runs, in one torchrun launch of two processes: the optimizer checks; 4 steps with AdamW,
+    with StripedAdamW and with every optional model feature; a copy of the StripedAdamW run; its
+    resume to 6 steps."""
     tmp = tmp_path_factory.mktemp("fsdp2")
     plan = [["optimizers", str(tmp / "optimizers.json")],
             ["train", [argv(data_root, tmp / "adamw", parallelism="fsdp", optimizer="adamw"),
-                       argv(data_root, tmp / "striped", parallelism="fsdp", optimizer="striped_adamw")]],
+                       argv(data_root, tmp / "striped", parallelism="fsdp", optimizer="striped_adamw"),
+                       argv(data_root, tmp / "features", parallelism="fsdp", **FEATURES)]],
             ["copy", str(tmp / "striped"), str(tmp / "striped_at_4")],
             ["train", [argv(data_root, tmp / "striped", parallelism="fsdp", optimizer="striped_adamw",
                             init_from="resume", max_iters=6)]]]
@@ -66,6 +71,7 @@ def one_process(tmp_path_factory, data_root):
     try:
         for opt, iters in (("adamw", 4), ("striped_adamw", 6)):
             fsdp_run.train_with_fixed_batches(argv(data_root, tmp / opt, optimizer=opt, max_iters=iters, keep_last_k=2))
+        fsdp_run.train_with_fixed_batches(argv(data_root, tmp / "features", **FEATURES))
     finally:
         torch.set_num_threads(threads)
     return tmp
@@ -144,6 +150,17 @@ def test_fsdp_training_equals_one_process(two_processes, one_process, optimizer)
     assert_weights_close(fs / "ckpt.pt", ref)
     assert_optimizer_close(fs / "ckpt.pt", ref)
     assert checkpoint.load(str(fs / "ckpt.pt"))["world_size"] == 2
+
+
+@needs_fsdp
+def test_fsdp_with_every_model_feature_equals_one_process(two_processes, one_process):
+    """RoPE (a buffer, not a parameter), QK-norm, ReLU² and an untied head (a second matrix in
+    the root unit) shard and train like one process."""
+    tmp, _ = two_processes
+    fs, single = tmp / "features", one_process / "features"
+    assert_records_match(fs, single, [("eval", 0), ("eval", 4)] + [("train", i) for i in range(4)])
+    assert_weights_close(fs / "ckpt.pt", single / "ckpt.pt")
+    assert "lm_head.weight" in checkpoint.load(str(fs / "ckpt.pt"))["model"]
 
 
 @needs_fsdp

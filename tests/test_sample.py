@@ -52,3 +52,17 @@ def test_a_dataset_folder_without_meta_is_skipped(data_root, tmp_path):
     (tmp_path / "shakespeare_char").mkdir()
     tok, vocab = tokenizer_for({"dataset": "shakespeare_char", "data_root": str(data_root)}, str(tmp_path))
     assert vocab == 65 and tok.decode(tok.encode("Hello")) == "Hello" and len(tok.encode("Hello")) == 5
+
+
+def test_a_character_model_without_its_vocabulary_names_data_root(tmp_path, monkeypatch):
+    """No meta.json anywhere: a 65-entry model cannot fall back to GPT-2 BPE, and the error says
+    so before any BPE file is looked for (offline, that lookup would fail with a network error)."""
+    from nanogpt import tokenizer
+    from nanogpt.config import UserError
+    from nanogpt.sample import tokenizer_for
+
+    def no_bpe(*a, **k):
+        raise AssertionError("GPT-2 BPE was looked for")
+    monkeypatch.setattr(tokenizer, "load_tokenizer", no_bpe)
+    with pytest.raises(UserError, match=r"65 vocabulary entries.*--data_root=FOLDER holding shakespeare_char/"):
+        tokenizer_for({"dataset": "shakespeare_char", "data_root": str(tmp_path / "gone")}, str(tmp_path), 65)

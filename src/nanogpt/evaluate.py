@@ -455,11 +455,10 @@ def evaluate(argv: list[str]) -> dict:
     model, train_config = load_model(cfg.init_from, cfg.out_dir)
     model.eval().to(device)
     ctx = runtime.autocast(device_type, dtype)  # float32 weights, low-precision matmuls: as in training's evaluation
-    tok, _ = tokenizer_for(train_config, cfg.data_root)
-    if tok.vocab_size > model.config.vocab_size:  # a character-level model whose meta.json was not found
-        raise UserError("the model has %d vocabulary entries, fewer than the %d of %s: the dataset's meta.json was not "
-                        "found; pass --data_root=FOLDER holding %s/" % (model.config.vocab_size, tok.vocab_size,
-                        "GPT-2 BPE" if hasattr(tok, "enc") else "its tokenizer", (train_config or {}).get("dataset") or "the dataset"))
+    tok, _ = tokenizer_for(train_config, cfg.data_root, model.config.vocab_size)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError("the model has %d vocabulary entries, fewer than the %d of its tokenizer; pass --data_root=FOLDER "
+                        "holding the training dataset's meta.json" % (model.config.vocab_size, tok.vocab_size))
     context = model.config.block_size
     window = cfg.block_size or context
     if window > context:

@@ -13,6 +13,8 @@ from . import checkpoint, runtime
 from .config import ConfigError, SampleConfig, UserError, load_config, run_cli
 from .model import GPT
 
+GPT2_BPE_VOCAB = 50257  # tokens of GPT-2 BPE
+
 
 def load_model(init_from: str, out_dir: str) -> tuple[GPT, dict | None]:
     """A model for inference and the dataset name it was trained on (None for GPT-2 weights)."""
@@ -25,8 +27,10 @@ def load_model(init_from: str, out_dir: str) -> tuple[GPT, dict | None]:
         raise UserError("cannot load %s: %s" % (init_from, e)) from None
 
 
-def tokenizer_for(train_config: dict | None, data_root: str):
-    """The character vocabulary of the training data when it has one, else GPT-2 BPE."""
+def tokenizer_for(train_config: dict | None, data_root: str, model_vocab: int | None = None):
+    """The character vocabulary of the training data when it has one, else GPT-2 BPE. A model
+    with fewer entries than GPT-2 BPE cannot use it: without its meta.json that is an error
+    naming --data_root, raised before BPE files are looked for."""
     from .prepare import load_meta
     from .tokenizer import load_tokenizer
     meta = None
@@ -37,6 +41,10 @@ def tokenizer_for(train_config: dict | None, data_root: str):
                 meta = load_meta(folder)
                 if meta:  # a folder without meta.json (say, a fresh clone's data/) is not the dataset
                     break
+    if meta is None and model_vocab is not None and model_vocab < GPT2_BPE_VOCAB:
+        dataset = (train_config or {}).get("dataset") or "the dataset"
+        raise UserError("the model has %d vocabulary entries, too few for GPT-2 BPE, and the meta.json of %s was not "
+                        "found; pass --data_root=FOLDER holding %s/" % (model_vocab, dataset, dataset))
     return load_tokenizer(meta), (meta or {}).get("vocab_size")
 
 
@@ -67,7 +75,7 @@ def sample(argv: list[str]) -> list[str]:
         # inference needs no float32 master weights: cast once instead of at every step under autocast
         model.to(getattr(torch, dtype))
         ctx = contextlib.nullcontext()
-    tok, vocab_limit = tokenizer_for(train_config, cfg.data_root)
+    tok, vocab_limit = tokenizer_for(train_config, cfg.data_root, model.config.vocab_size)
     if cfg.compile:
         why = runtime.compile_blocker(device_type)
         if why:
