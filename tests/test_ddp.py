@@ -223,7 +223,7 @@ def test_muon_and_model_features_under_ddp_equal_one_process(data_root, tmp_path
     """The same equality with every optional model feature on and Muon. Muon orthogonalises the
     reduced gradient on each rank alike; its Newton-Schulz iteration is smooth, so float32
     summation-order differences stay of the same size as with AdamW (seen: about 1e-7)."""
-    feats = ("--rope=True", "--qk_norm=True", "--mlp_activation=relu2", "--untied_head=True", "--optimizer=muon",
+    feats = ("--rope=True", "--qk_norm=True", "--mlp_activation=relu2", "--untied_head=True", "--loss_chunk=40", "--optimizer=muon",
              "--muon_lr=0.02", "--max_iters=%d" % STEPS, "--lr_decay_iters=%d" % STEPS, "--eval_interval=%d" % STEPS)
     r = torchrun(args(data_root, tmp_path / "ddp", *feats))
     assert r.returncode == 0, output(r)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanogpt.config import ConfigError, TrainConfig, validate_train
-from nanogpt.model import GPT, GPTConfig, KVCache, apply_rotary, rotary_tables
+from nanogpt.model import GPT, GPTConfig, KVCache, apply_rotary, chunked_cross_entropy, rotary_tables
 from nanogpt.optim import Muon, build_optimizer, orthogonalize
 from nanogpt.train import train
 
@@ -202,9 +202,62 @@ def test_features_and_muon_train_and_resume_bit_exact(data_root, tmp_path):
     (dict(optimizer="muon", optimizer_in_backward=True, gradient_accumulation_steps=1, grad_clip=0.0),
      "optimizer='muon' cannot step inside backward"),
     (dict(optimizer="muon", muon_lr=0.0), "muon_lr must be > 0"),
+    (dict(loss_chunk=-1), "loss_chunk must be >= 0"),
     (dict(init_from="gpt2", qk_norm=True), "qk_norm=True changes the architecture"),
 ])
 def test_config_errors_name_the_key(over, match):
     cfg = TrainConfig(**over)
     with pytest.raises(ConfigError, match=match):
         validate_train(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# the loss in chunks
+
+
+@pytest.mark.parametrize("kw", [{}, dict(untied_head=True)], ids=["tied", "untied"])
+def test_chunked_loss_equals_full_logits(kw):
+    """Same loss and gradients for every parameter (the tied embedding gets both of its parts),
+    with ignored targets and a chunk that does not divide the positions."""
+    torch.manual_seed(0)
+    m = GPT(small(**kw))
+    x, y = torch.randint(0, 97, (3, 30)), torch.randint(0, 97, (3, 30))
+    y[0, :7] = -1
+    _, want = m(x, y)
+    want.backward()
+    want_g = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.loss_chunk = 17
+    logits, got = m(x, y)
+    assert logits is None  # nothing of size (B, T, V) is kept
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want_g[n], atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():
+        assert m(x, y)[1].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_chunked_loss_under_bfloat16_autocast():
+    """On the CPU's bfloat16 autocast the chunks round as the full path does: close, not equal."""
+    torch.manual_seed(0)
+    x, w = torch.randn(50, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (50,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.nn.functional.cross_entropy((x @ w.t()).float(), t)
+        got = chunked_cross_entropy(x, w, t, 7)
+    gw, gx = torch.autograd.grad(want, (w, x))
+    cw, cx = torch.autograd.grad(got, (w, x))
+    assert got.dtype == torch.float32 and cw.dtype == w.dtype and cx.dtype == x.dtype
+    assert got.item() == pytest.approx(want.item(), rel=1e-2)
+    torch.testing.assert_close(cw, gw, atol=2e-2, rtol=5e-2)
+    torch.testing.assert_close(cx, gx, atol=2e-2, rtol=5e-2)
+
+
+def test_training_with_loss_chunk_follows_the_plain_run(data_root, tmp_path):
+    common = ["--max_iters=15", "--lr_decay_iters=15", "--eval_interval=15", "--log_interval=1"]
+    plain = train(tiny(data_root, tmp_path / "a", *common))
+    chunked = train(tiny(data_root, tmp_path / "b", *common, "--loss_chunk=50"))
+    a, b = [l for _, l in plain["history"]], [l for _, l in chunked["history"]]
+    assert b == pytest.approx(a, abs=1e-4)
+    assert plain["last_val_loss"] == pytest.approx(chunked["last_val_loss"], abs=1e-4)

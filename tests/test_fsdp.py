@@ -28,7 +28,7 @@ fsdp_run = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fsdp_run)
 
 
-FEATURES = dict(rope=True, qk_norm=True, mlp_activation="relu2", untied_head=True)
+FEATURES = dict(rope=True, qk_norm=True, mlp_activation="relu2", untied_head=True, loss_chunk=40)
 
 
 def argv(data_root, out_dir, **over):

@@ -58,6 +58,29 @@ def test_bf16_train_steps_reduce_loss_compiled(features):
     assert losses[-1] < losses[0] - 1.0
 
 
+def test_compiled_chunked_loss_follows_the_full_logits():
+    """loss_chunk under torch.compile and bf16 autocast: the same loss curve as the full path."""
+    curves = []
+    for chunk in (0, 96):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=64)).cuda()
+        model.loss_chunk = chunk
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+        cmodel = torch.compile(model)
+        x = torch.randint(0, 128, (8, 65), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        losses = []
+        for _ in range(20):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = cmodel(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[1] == pytest.approx(curves[0], abs=2e-2)
+    assert curves[1][-1] < curves[1][0] - 1.0
+
+
 def test_fp16_with_grad_scaler():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32)).cuda()

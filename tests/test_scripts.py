@@ -50,8 +50,18 @@ def test_whole_split_loss_agrees_with_eval(data_root, tmp_path):
     assert float(loss) == pytest.approx(want["loss"], abs=1e-4) and scored == want["tokens"]
 
 
-@pytest.mark.parametrize("script", ["time_to_loss.py", "whole_split_loss.py"])
+@pytest.mark.parametrize("script", ["time_to_loss.py", "whole_split_loss.py", "loss_memory.py"])
 def test_scripts_explain_themselves(script):
     r = subprocess.run([sys.executable, os.path.join("scripts", script), "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_loss_memory_runs_every_variant():
+    r = subprocess.run([sys.executable, "scripts/loss_memory.py", "--batch_size=2", "--block_size=32", "--vocab_size=300",
+                        "--n_layer=1", "--n_head=2", "--n_embd=32", "--chunks=16", "--steps=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| full") or line.startswith("| chunk")]
+    assert [c[0].strip() for c in rows] == ["full", "chunk=16"]
+    assert rows[0][1] == rows[1][1]  # the same loss to 4 decimals

@@ -64,6 +64,7 @@ def bench(argv: list[str]) -> dict:
     with torch.device(device):  # initialise in place: a 1.5B model builds in seconds on a GPU
         model = GPT(gconf)
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.loss_chunk = cfg.loss_chunk
     optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (0.9, 0.95), device_type,
                                 state_dtype=cfg.optimizer_state_dtype, in_backward=cfg.optimizer_in_backward, seed=cfg.seed,
                                 muon_lr=cfg.muon_lr)

@@ -92,6 +92,7 @@ class TrainConfig:
     optimizer_state_dtype: str = _f("float32", "Dtype of striped_adamw's first moment: 'float32' or 'bfloat16' (stochastic rounding, half the bytes).")
     optimizer_in_backward: bool = _f(False, "Step each parameter inside backward as soon as its gradient is ready and free it: no full set of gradients is held. Needs gradient_accumulation_steps=1, grad_clip=0, one process, no float16.")
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward instead of storing them: less memory, about a third more compute.")
+    loss_chunk: int = _f(0, "Compute the output layer and cross-entropy this many positions at a time, never holding the (batch x block x vocab) logits; 0 computes them at once.")
     learning_rate: float = _f(6e-4, "Peak learning rate.")
     max_iters: int = _f(600000, "Total optimizer steps.")
     weight_decay: float = _f(1e-1, "Decoupled weight decay, applied to parameters with 2 or more dimensions only.")
@@ -176,6 +177,7 @@ class BenchConfig:
     optimizer_state_dtype: str = _f("float32", "striped_adamw's first-moment dtype: 'float32' or 'bfloat16'.")
     optimizer_in_backward: bool = _f(False, "Step each parameter inside backward (no full gradient buffer).")
     activation_checkpointing: bool = _f(False, "Recompute block activations in backward.")
+    loss_chunk: int = _f(0, "Output layer and cross-entropy this many positions at a time (0 = all at once).")
     gradient_accumulation_steps: int = _f(1, "Micro-steps per timed step (must be 1 with optimizer_in_backward).")
     warmup_steps: int = _f(10, "Untimed steps first (compilation, allocator warm-up).")
     steps: int = _f(20, "Timed steps.")
@@ -198,6 +200,8 @@ class BenchConfig:
             raise ConfigError("optimizer_in_backward=True needs gradient_accumulation_steps=1")
         if self.warmup_steps < 0:
             raise ConfigError("warmup_steps must be >= 0; got %r" % self.warmup_steps)
+        if self.loss_chunk < 0:
+            raise ConfigError("loss_chunk must be >= 0 (0 = all positions at once); got %r" % self.loss_chunk)
         if self.n_embd % self.n_head:
             raise ConfigError("n_embd (%d) must be divisible by n_head (%d)" % (self.n_embd, self.n_head))
         _check_choice(self, "dtype", DTYPES)
@@ -308,7 +312,7 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
                 raise ConfigError("optimizer_in_backward=True needs %s" % why)
     if cfg.wandb_log and not cfg.wandb_project:
         raise ConfigError("wandb_project must be set when wandb_log=True")
-    for k in ("keep_last_k", "eval_tasks_limit", "batch_size_ramp_tokens", "batch_size_ramp_start"):
+    for k in ("keep_last_k", "eval_tasks_limit", "batch_size_ramp_tokens", "batch_size_ramp_start", "loss_chunk"):
         if getattr(cfg, k) < 0:
             raise ConfigError("%s must be >= 0; got %r" % (k, getattr(cfg, k)))
     if cfg.loss_spike_factor and cfg.loss_spike_factor <= 1:

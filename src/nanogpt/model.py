@@ -76,6 +76,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight^T against targets, one chunk of rows at a time:
+    the (N, V) logits never exist at once, only (chunk, V). The gradients are computed on the way
+    (softmax minus one-hot, times weight or x), so backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk: int):
+        # x (N, C), weight (V, C), targets (N,) with -1 = ignored
+        count = (targets != -1).sum().clamp(min=1).float()
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        for s in range(0, x.size(0), chunk):
+            xc, tc = x[s:s + chunk], targets[s:s + chunk]
+            keep = (tc != -1).float()[:, None]  # (n, 1)
+            safe = tc.clamp(min=0)[:, None]  # (n, 1)
+            logits = (xc @ weight.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            total += ((lse - logits.gather(1, safe)) * keep).sum()
+            p = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+            p.scatter_add_(1, safe, -torch.ones_like(keep)).mul_(keep)  # d loss_sum / d logits
+            grad_x[s:s + chunk] = p @ weight  # (n, C)
+            grad_w += p.t() @ xc  # (V, C)
+        ctx.save_for_backward(grad_x / count, grad_w / count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out, grad_w * grad_out, None, None
+
+
+def chunked_cross_entropy(x, weight, targets, chunk: int):
+    """F.cross_entropy(x @ weight^T, targets, ignore_index=-1) without the (N, V) logits."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _ChunkedLMLoss.apply(x, weight, targets, chunk)
+    total = torch.zeros((), device=x.device, dtype=torch.float32)
+    for s in range(0, x.size(0), chunk):
+        logits = (x[s:s + chunk] @ weight.t()).float()
+        total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=-1, reduction="sum")
+    return total / (targets != -1).sum().clamp(min=1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -170,6 +213,7 @@ class GPT(nn.Module):
         if not config.untied_head:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.activation_checkpointing = False  # a training choice, not part of the architecture
+        self.loss_chunk = 0  # > 0: the loss in chunks of this many positions, no full logits (training choice too)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -227,6 +271,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
+        if targets is not None and self.loss_chunk:  # no (B, T, V) logits: none are returned
+            return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.loss_chunk)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

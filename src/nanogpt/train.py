@@ -168,6 +168,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     log("model: %.2fM parameters (%s)" % (model.num_params() / 1e6, ", ".join("%s=%s" % kv for kv in asdict(gconf).items())))
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.loss_chunk = cfg.loss_chunk
     sharded = cfg.parallelism == "fsdp" and dinfo.enabled
     if sharded:  # before the optimizer is built: it must hold the sharded parameters
         from . import fsdp
