@@ -1,9 +1,10 @@
 """Memory and time of one training forward + backward, with the full logits or in chunks
 (``loss_chunk``), and optionally the same step of a reference nanoGPT checkout's model.
 
-Each variant runs in a fresh process. Reported: the rise in peak memory during the step over the
-memory held before it (peak RSS on the CPU, ``max_memory_allocated`` on CUDA), and the time of
-the step (the median of ``--steps`` after one warm-up step).
+Each variant runs in a fresh process. Reported: the rise in peak memory during the first step
+over the memory held just before it (on the CPU the resident set: Linux's peak counter is reset
+before the step; on CUDA ``max_memory_allocated``), and the time of the step (the median of
+``--steps`` after that first one). CPU and CUDA only.
 
     python scripts/loss_memory.py --device=cpu --reference=path/to/nanoGPT
 """
@@ -22,8 +23,30 @@ import time
 import torch
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError("/proc/self/status has no %s" % field)
+
+
+def reset_rss_peak() -> int:
+    """Reset Linux's peak resident set to the current one (clear_refs 5) and return it in bytes;
+    where that is not possible, the peak so far (the rise measured from it can only be lower)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        return _status_kib("VmHWM") * 1024
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def child(args) -> dict:
@@ -59,7 +82,7 @@ def child(args) -> dict:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = rss_peak_bytes()  # nothing larger than the model and the batch has run yet
+        before = reset_rss_peak()
     loss = step()
     peak = (torch.cuda.max_memory_allocated() if cuda else rss_peak_bytes()) - before
     times = []
@@ -93,9 +116,10 @@ def main() -> None:
              args.batch_size * args.block_size * args.vocab_size * 4 / 2**30))
     print("| variant | loss | peak memory rise in the step | ms per forward + backward |")
     print("| --- | --- | --- | --- |")
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--chunks")]
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        sys.exit("--device must be cpu or cuda: peak memory is measured only there")
     for v in variants:
-        r = subprocess.run([sys.executable, __file__, *forwarded, "--variant=%s" % v], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant=%s" % v], capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit("variant %s failed:\n%s" % (v, r.stderr[-2000:]))
         out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -7,6 +7,7 @@ checkpoints and for a reference nanoGPT checkout's (run with that checkout's own
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -54,7 +55,12 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     model = load(args.out_dir, args.reference).eval()
-    tokens = np.memmap(args.bin, dtype=np.uint16, mode="r")
+    meta = os.path.join(os.path.dirname(os.path.abspath(args.bin)), "meta.json")
+    dtype = "uint16"
+    if os.path.isfile(meta):  # this project's datasets say how wide their ids are
+        with open(meta) as f:
+            dtype = json.load(f).get("dtype", dtype)
+    tokens = np.memmap(args.bin, dtype=np.dtype(dtype), mode="r")
     loss = split_loss(model, np.asarray(tokens), model.config.block_size)
     print("%.4f (%d tokens scored)" % (loss, len(tokens) - 1))
 

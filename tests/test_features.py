@@ -211,6 +211,12 @@ def test_config_errors_name_the_key(over, match):
         validate_train(cfg)
 
 
+def test_bench_checks_muon_lr():
+    from nanogpt.config import BenchConfig
+    with pytest.raises(ConfigError, match="muon_lr must be > 0"):
+        BenchConfig(optimizer="muon", muon_lr=0.0).validate()
+
+
 # --------------------------------------------------------------------------------------------
 # the loss in chunks
 
@@ -261,3 +267,41 @@ def test_training_with_loss_chunk_follows_the_plain_run(data_root, tmp_path):
     a, b = [l for _, l in plain["history"]], [l for _, l in chunked["history"]]
     assert b == pytest.approx(a, abs=1e-4)
     assert plain["last_val_loss"] == pytest.approx(chunked["last_val_loss"], abs=1e-4)
+
+
+def test_chunked_loss_with_half_precision_weights_and_no_autocast():
+    """A model cast to bfloat16 (as sample.py and eval.py may hold it) takes the chunked path too."""
+    torch.manual_seed(0)
+    m = GPT(small()).to(torch.bfloat16)
+    x, y = torch.randint(0, 97, (2, 20)), torch.randint(0, 97, (2, 20))
+    _, want = m(x, y)
+    m.loss_chunk = 9
+    _, got = m(x, y)
+    got.backward()
+    assert got.item() == pytest.approx(want.float().item(), rel=2e-2)
+    assert m.lm_head.weight.grad.dtype == torch.bfloat16
+
+
+def test_resume_takes_hyper_parameters_from_the_command_line(data_root, tmp_path):
+    """The checkpoint restores the optimizer's state; a changed weight_decay, muon_lr or
+    muon_momentum on resume applies (load_state_dict alone would bring back the saved ones)."""
+    from nanogpt import train as train_mod
+    seen = {}
+    real = train_mod.build_optimizer
+
+    def spy(*a, **k):
+        opt = real(*a, **k)
+        seen["opt"] = opt
+        return opt
+    common = ["--optimizer=muon", "--log_interval=1", "--eval_interval=4", "--lr_decay_iters=8", "--warmup_iters=1"]
+    train(tiny(data_root, tmp_path, *common, "--max_iters=4"))
+    import unittest.mock
+    with unittest.mock.patch.object(train_mod, "build_optimizer", spy):
+        train(tiny(data_root, tmp_path, *common, "--max_iters=5", "--init_from=resume", "--weight_decay=0.03",
+                   "--muon_lr=0.05", "--muon_momentum=0.8"))
+    groups = seen["opt"].param_groups
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.03}
+    muon = [g for g in groups if g["muon"]]
+    assert {g["momentum"] for g in muon} == {0.8}
+    assert {round(g["lr_ratio"], 9) for g in muon} == {round(0.05 / 3e-3, 9)}
+    assert all(seen["opt"].state[p] for g in muon for p in g["params"])  # the momentum buffers came back

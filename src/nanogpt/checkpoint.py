@@ -160,6 +160,12 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def load_error_line(e: RuntimeError) -> str:
+    """The informative line of load_state_dict's error: the first size mismatch or missing key."""
+    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+    return next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else str(e))
+
+
 def load_model(path: str, dropout: float = 0.0):
     """The model stored in a training checkpoint, and the checkpoint itself."""
     from .model import GPT, GPTConfig
@@ -168,9 +174,8 @@ def load_model(path: str, dropout: float = 0.0):
     model = GPT(GPTConfig(**margs))
     try:
         got = model.load_state_dict(ckpt["model"], strict=False)
-    except RuntimeError as e:  # a shape mismatch: name the first one
-        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln] or str(e).splitlines()[:1]
-        raise CheckpointError("weights in %s do not fit the model: %s" % (path, lines[0])) from None
+    except RuntimeError as e:  # a shape mismatch
+        raise CheckpointError("weights in %s do not fit the model: %s" % (path, load_error_line(e))) from None
     if got.missing_keys or got.unexpected_keys:
         raise CheckpointError("weights in %s do not fit the model: missing %s; unexpected %s" % (
             path, ", ".join(got.missing_keys[:3]) or "none", ", ".join(got.unexpected_keys[:3]) or "none"))

@@ -208,6 +208,8 @@ class BenchConfig:
         _check_model_features(self)
         if self.optimizer == "muon" and self.optimizer_in_backward:
             raise ConfigError("optimizer='muon' cannot step inside backward; pass --optimizer_in_backward=False")
+        if self.muon_lr <= 0:
+            raise ConfigError("muon_lr must be > 0; got %r" % self.muon_lr)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

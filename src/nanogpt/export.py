@@ -271,7 +271,7 @@ def load_source(cfg: ExportConfig) -> tuple[GPT, dict, dict | None, str, str | N
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise ExportError("weights in %s do not fit a GPT-2: %s" % (path, str(e).splitlines()[0])) from None
+            raise ExportError("weights in %s do not fit a GPT-2: %s" % (path, checkpoint.load_error_line(e))) from None
         name = "%s (iter %s)" % (path, ckpt.get("iter_num"))
         return model, dict(ckpt["model_args"]), ckpt.get("config") or {}, name, path
     try:

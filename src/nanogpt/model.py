@@ -84,21 +84,28 @@ class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk: int):
         # x (N, C), weight (V, C), targets (N,) with -1 = ignored
+        dev = x.device.type
+        amp = torch.is_autocast_enabled(dev)
+        dt = torch.get_autocast_dtype(dev) if amp else weight.dtype  # the matmuls' dtype, as lm_head would use
+        if dt == torch.float16:
+            dt = torch.float32  # gradients are formed here, before any loss scaling: float16 would underflow
         count = (targets != -1).sum().clamp(min=1).float()
         total = torch.zeros((), device=x.device, dtype=torch.float32)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        for s in range(0, x.size(0), chunk):
-            xc, tc = x[s:s + chunk], targets[s:s + chunk]
-            keep = (tc != -1).float()[:, None]  # (n, 1)
-            safe = tc.clamp(min=0)[:, None]  # (n, 1)
-            logits = (xc @ weight.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            total += ((lse - logits.gather(1, safe)) * keep).sum()
-            p = logits.sub_(lse).exp_()  # softmax, in the logits' memory
-            p.scatter_add_(1, safe, -torch.ones_like(keep)).mul_(keep)  # d loss_sum / d logits
-            grad_x[s:s + chunk] = p @ weight  # (n, C)
-            grad_w += p.t() @ xc  # (V, C)
+        with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
+            w = weight.to(dt)
+            for s in range(0, x.size(0), chunk):
+                xc, tc = x[s:s + chunk].to(dt), targets[s:s + chunk]
+                keep = (tc != -1).float()[:, None]  # (n, 1)
+                safe = tc.clamp(min=0)[:, None]  # (n, 1)
+                logits = (xc @ w.t()).float()  # (n, V)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+                total += ((lse - logits.gather(1, safe)) * keep).sum()
+                p = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+                p = p.scatter_add_(1, safe, -torch.ones_like(keep)).mul_(keep).to(dt)  # d loss_sum / d logits
+                grad_x[s:s + chunk] = p @ w  # (n, C)
+                grad_w += p.t() @ xc  # (V, C)
         ctx.save_for_backward(grad_x / count, grad_w / count)
         return total / count
 

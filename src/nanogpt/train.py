@@ -193,11 +193,13 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     if ckpt is not None:
         ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         prev = ckpt.get("config") or {}
-        for k in ("optimizer", "optimizer_in_backward", "optimizer_state_dtype", "muon_momentum"):
+        for k in ("optimizer", "optimizer_in_backward", "optimizer_state_dtype"):
             if k in prev and prev[k] != getattr(cfg, k):
                 raise checkpoint.CheckpointError("the checkpoint in %s was trained with %s=%r, not %r; pass --%s=%r to resume it"
                                                  % (cfg.out_dir, k, prev[k], getattr(cfg, k), k, prev[k]))
         tstate = checkpoint.load_train_state(ckpt_path, ckpt)
+        # the checkpoint gives the optimizer's state; this run's settings give its hyper-parameters
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
             if sharded:  # every rank read the full state; each keeps its shards
                 fsdp.load_optimizer_state(model, optimizer, tstate["optimizer"])
@@ -206,6 +208,8 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         except (ValueError, KeyError) as e:
             raise checkpoint.CheckpointError("optimizer state in %s does not fit (%s); was it written with another --optimizer?"
                                              % (cfg.out_dir, e)) from None
+        for group, mine in zip(optimizer.param_groups, settings):  # load_state_dict put the saved ones back
+            group.update(mine)
         if "scaler" in tstate and scaler.is_enabled():
             scaler.load_state_dict(tstate["scaler"])
         iter_num = ckpt["iter_num"]
