@@ -1,11 +1,13 @@
 """Tokens per second of generation for a model shape (default GPT-2 124M, random weights):
 re-running the whole prefix for each token, the key/value cache run eagerly, and the cache
-with its one-token step replayed as a CUDA graph (the default on CUDA).
+with its one-token step replayed as a CUDA graph (the default on CUDA). With --reference, the
+same shape built from a nanoGPT checkout's model.py is timed first, with its own generate.
 
-    python scripts/sampling_speed.py [--new=1024] [--batch=1,8] [--dtype=bfloat16] [--device=cuda]
+    python scripts/sampling_speed.py [--new=1024] [--batch=1,8] [--dtype=bfloat16] [--device=cuda] [--reference=PATH]
 """
 
 import contextlib
+import os
 import sys
 import time
 
@@ -17,7 +19,7 @@ from nanogpt.model import GPT, GPTConfig
 
 def main(argv):
     opts = {"new": "1024", "batch": "1,8", "dtype": "bfloat16", "device": "cuda", "n_layer": "12", "n_head": "12",
-            "n_embd": "768"}
+            "n_embd": "768", "reference": ""}
     for a in argv:
         k, v = a.lstrip("-").split("=")
         opts[k] = v
@@ -34,11 +36,30 @@ def main(argv):
     new = int(opts["new"])
     print("torch %s, %s, %s, %d new tokens after a 1-token prompt" % (
         torch.__version__, torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", opts["dtype"], new))
-    print("\n| batch | path | tokens/s (all sequences) | ms per step | speed-up over no cache |")
+    print("\n| batch | path | tokens/s (all sequences) | ms per step | speed-up over the first row |")
     print("| --- | --- | --- | --- | --- |")
+    shape = dict(n_layer=int(opts["n_layer"]), n_head=int(opts["n_head"]), n_embd=int(opts["n_embd"]), vocab_size=50257,
+                 block_size=1024)
+    ref = None
+    if opts["reference"]:
+        sys.path.insert(0, os.path.abspath(opts["reference"]))
+        from model import GPT as RefGPT, GPTConfig as RefConfig  # the reference checkout's own model.py
+        ref = RefGPT(RefConfig(**shape, bias=True, dropout=0.0)).to(device).eval()
+        if device.startswith("cuda"):
+            ref.to(dt)
     for batch in [int(b) for b in opts["batch"].split(",")]:
         idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
         base = None
+        if ref is not None:
+            with torch.no_grad(), ctx:
+                ref.generate(idx, 16, temperature=1.0, top_k=200)  # warm-up
+                runtime.synchronize(device.split(":")[0])
+                t0 = time.perf_counter()
+                ref.generate(idx, new, temperature=1.0, top_k=200)
+                runtime.synchronize(device.split(":")[0])
+                sec = time.perf_counter() - t0
+            base = batch * new / sec
+            print("| %d | reference (no cache) | %.1f | %.2f | 1.0x |" % (batch, base, 1000 * sec / new), flush=True)
         for name, kw in (("no cache", dict(use_cache=False)), ("cache, eager", dict(cuda_graph=False)),
                          ("cache, CUDA graph", dict()), ("cache, compiled step in a CUDA graph", dict())):
             if "graph" in name and not device.startswith("cuda"):
@@ -56,7 +77,7 @@ def main(argv):
                 sec = time.perf_counter() - t0
             tps = batch * new / sec
             base = base or tps
-            print("| %d | %s | %.0f | %.2f | %.1fx |" % (batch, name, tps, 1000 * sec / new, tps / base), flush=True)
+            print("| %d | %s | %.1f | %.2f | %.1fx |" % (batch, name, tps, 1000 * sec / new, tps / base), flush=True)
 
 
 if __name__ == "__main__":
