@@ -129,7 +129,7 @@ def test_feature_keys(tmp_path, capsys):
     assert max_logit_diff(model, tmp_path / "hf_off", 65) <= 1e-5
     capsys.readouterr()
 
-    for extra in ({"qk_norm": True}, {"untied_head": True}, {"sliding_window": 16}):
+    for extra in ({"qk_norm": True}, {"rope": True}, {"mlp_activation": "relu2"}, {"sliding_window": 16}):
         name = next(iter(extra))
         save_training_checkpoint(tmp_path / name, model, gconf, extra_args=extra)
         with pytest.raises(SystemExit) as e:
@@ -138,6 +138,28 @@ def test_feature_keys(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and name in err[0]
         assert not (tmp_path / ("hf_" + name)).exists()
+
+
+def test_untied_head_round_trip(tmp_path):
+    """An untied output layer exports as lm_head.weight with tie_word_embeddings false: transformers
+    computes our logits, and loading that folder back gives an untied model with the same logits."""
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    gconf = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True, untied_head=True)
+    model = GPT(gconf)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))  # far from the embeddings
+    save_training_checkpoint(tmp_path / "out", model, gconf)
+    main(["--out_dir=%s" % (tmp_path / "out"), "--hf_dir=%s" % (tmp_path / "hf"), "--tokenizer=False"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert max_logit_diff(model, tmp_path / "hf", 65) <= 1e-5
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    back = GPT.from_pretrained(str(tmp_path / "hf"), dropout=0.0)
+    assert back.config.untied_head and back.lm_head.weight is not back.transformer.wte.weight
+    x = torch.randint(0, 65, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x)[0], model.eval()(x)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_cli_refuses_unknown_feature(tmp_path):

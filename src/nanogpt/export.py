@@ -8,8 +8,9 @@ The folder written holds ``config.json`` and ``model.safetensors`` for transform
 Only models that are GPT-2 in shape can be exported; a checkpoint whose ``model_args`` name a
 feature GPT-2 lacks is refused. Differences that do not change the function are bridged: GPT-2
 stores the attention and MLP weights as Conv1D, the transpose of our ``nn.Linear``; a model
-trained with ``bias=False`` gets zero biases; the output layer is tied to the token embeddings
-and stored once. Everything is written to a temporary folder beside ``hf_dir`` and renamed into
+trained with ``bias=False`` gets zero biases; a tied output layer is stored once, as the token
+embeddings, and an untied one (``untied_head``) as ``lm_head.weight`` with
+``tie_word_embeddings: false``. Everything is written to a temporary folder beside ``hf_dir`` and renamed into
 place at the end, so an interrupted export leaves no half-written model.
 """
 
@@ -34,10 +35,10 @@ GPT2_VOCAB = 50257  # GPT-2 BPE: 50,256 merges-derived tokens plus <|endoftext|>
 GPT2_EOT = 50256
 EOT_TEXT = "<|endoftext|>"
 # model_args keys of GPT-2's own shape; any value of these exports
-GPT2_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+GPT2_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "untied_head")
 # other model_args keys that still describe a GPT-2 at exactly these values (a feature switched
 # off); every key in neither table is refused, so a new feature is never exported silently
-GPT2_EQUIVALENT = {"rope": False, "qk_norm": False, "untied_head": False, "mlp_activation": "gelu"}
+GPT2_EQUIVALENT = {"rope": False, "qk_norm": False, "mlp_activation": "gelu"}
 # weights that GPT-2 keeps as Conv1D (in, out): the transpose of our nn.Linear (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT-2's BPE files; Hugging Face calls them vocab.json and merges.txt
@@ -92,7 +93,7 @@ def hf_config(model_args: dict, gpt2_vocab: bool) -> dict:
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not model_args.get("untied_head", False),
         "use_cache": True,
         "bos_token_id": eot,
         "eos_token_id": eot,
@@ -103,10 +104,10 @@ def hf_config(model_args: dict, gpt2_vocab: bool) -> dict:
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT-2's names and layouts, fp32, with zero biases where the model has
-    none; the tied lm_head is left out (it is the token embedding)."""
+    none; a tied lm_head is left out (it is the token embedding)."""
     out = {}
     for name, w in model.state_dict().items():
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and not model.config.untied_head:
             continue  # tied: transformers rebuilds it from transformer.wte.weight
         w = w.detach().to("cpu", torch.float32)
         if name.endswith(CONV1D):

@@ -379,13 +379,12 @@ class GPT(nn.Module):
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if hf.get(flag):
                 raise ValueError("%s sets %s, which this model does not implement" % (folder, flag))
-        if not hf.get("tie_word_embeddings", True):
-            raise ValueError("%s has an untied output layer; this model ties it to the embeddings" % folder)
         if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
             raise ValueError("%s uses layer_norm_epsilon=%s; GPT-2 uses 1e-5" % (folder, hf.get("layer_norm_epsilon")))
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
-                           dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout)
+                           dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout,
+                           untied_head=not hf.get("tie_word_embeddings", True))
         model = cls(config)
         sd = model.state_dict()
         src = _read_hf_weights(folder)
@@ -404,7 +403,7 @@ class GPT(nn.Module):
             with torch.no_grad():
                 sd[name].copy_(w)
             loaded.add(name)
-        missing = set(sd) - loaded - {"lm_head.weight"}  # lm_head is tied to wte
+        missing = set(sd) - loaded - (set() if config.untied_head else {"lm_head.weight"})  # a tied lm_head is wte
         if missing:
             raise ValueError("%s lacks weights: %s" % (folder, ", ".join(sorted(missing)[:5])))
         return model
