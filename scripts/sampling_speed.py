@@ -47,34 +47,29 @@ def main(argv):
         ref = RefGPT(RefConfig(**shape, bias=True, dropout=0.0)).to(device).eval()
         if device.startswith("cuda"):
             ref.to(dt)
+    def seconds(generate, idx, **kw):
+        """Wall time of generating ``new`` tokens after a 16-token warm-up call."""
+        with torch.no_grad(), ctx:
+            generate(idx, 16, temperature=1.0, top_k=200, **kw)
+            runtime.synchronize(device.split(":")[0])
+            t0 = time.perf_counter()
+            generate(idx, new, temperature=1.0, top_k=200, **kw)
+            runtime.synchronize(device.split(":")[0])
+            return time.perf_counter() - t0
+
+    rows = [("no cache", dict(use_cache=False)), ("cache, eager", dict(cuda_graph=False))]
+    if device.startswith("cuda"):
+        rows += [("cache, CUDA graph", dict()), ("cache, compiled step in a CUDA graph", dict())]
     for batch in [int(b) for b in opts["batch"].split(",")]:
         idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
         base = None
-        if ref is not None:
-            with torch.no_grad(), ctx:
-                ref.generate(idx, 16, temperature=1.0, top_k=200)  # warm-up
-                runtime.synchronize(device.split(":")[0])
-                t0 = time.perf_counter()
-                ref.generate(idx, new, temperature=1.0, top_k=200)
-                runtime.synchronize(device.split(":")[0])
-                sec = time.perf_counter() - t0
-            base = batch * new / sec
-            print("| %d | reference (no cache) | %.1f | %.2f | 1.0x |" % (batch, base, 1000 * sec / new), flush=True)
-        for name, kw in (("no cache", dict(use_cache=False)), ("cache, eager", dict(cuda_graph=False)),
-                         ("cache, CUDA graph", dict()), ("cache, compiled step in a CUDA graph", dict())):
-            if "graph" in name and not device.startswith("cuda"):
-                continue
-            if "compiled" in name:
-                model.decode_step = torch.compile(GPT.decode_step.__get__(model), dynamic=False)
-            else:
-                model.decode_step = GPT.decode_step.__get__(model)
-            with torch.no_grad(), ctx:
-                model.generate(idx, 16, temperature=1.0, top_k=200, **kw)  # warm-up
-                runtime.synchronize(device.split(":")[0])
-                t0 = time.perf_counter()
-                model.generate(idx, new, temperature=1.0, top_k=200, **kw)
-                runtime.synchronize(device.split(":")[0])
-                sec = time.perf_counter() - t0
+        timed = [("reference (no cache)", ref.generate, {})] if ref is not None else []
+        timed += [(name, model.generate, kw) for name, kw in rows]
+        for name, generate, kw in timed:
+            if generate is model.generate:
+                step = GPT.decode_step.__get__(model)
+                model.decode_step = torch.compile(step, dynamic=False) if "compiled" in name else step
+            sec = seconds(generate, idx, **kw)
             tps = batch * new / sec
             base = base or tps
             print("| %d | %s | %.1f | %.2f | %.1fx |" % (batch, name, tps, 1000 * sec / new, tps / base), flush=True)

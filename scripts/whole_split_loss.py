@@ -32,15 +32,17 @@ def load(out_dir: str, reference: str | None):
 @torch.no_grad()
 def split_loss(model, tokens: np.ndarray, block: int, batch: int = 64) -> float:
     data = torch.from_numpy(tokens.astype(np.int64))
-    starts = list(range(0, len(data) - 1, block))
+    n = (len(data) - 1) // block  # full windows; the rest is one shorter window
+    windows = [(s, block) for s in range(0, n * block, block)]
+    if n * block < len(data) - 1:
+        windows.append((n * block, len(data) - 1 - n * block))
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch):
-        group = starts[i:i + batch]
-        lengths = {min(block, len(data) - 1 - s) for s in group}
-        for n in lengths:  # the last window may be shorter
-            rows = [s for s in group if min(block, len(data) - 1 - s) == n]
-            x = torch.stack([data[s:s + n] for s in rows])
-            y = torch.stack([data[s + 1:s + 1 + n] for s in rows])
+    for i in range(0, len(windows), batch):
+        group = windows[i:i + batch]
+        for length in sorted({w for _, w in group}):  # one batch per window length
+            rows = [s for s, w in group if w == length]
+            x = torch.stack([data[s:s + length] for s in rows])
+            y = torch.stack([data[s + 1:s + 1 + length] for s in rows])
             _, loss = model(x, y)
             total += loss.item() * x.numel()
             count += x.numel()

@@ -106,7 +106,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 p = p.scatter_add_(1, safe, -torch.ones_like(keep)).mul_(keep).to(dt)  # d loss_sum / d logits
                 grad_x[s:s + chunk] = p @ w  # (n, C)
                 grad_w += p.t() @ xc  # (V, C)
-        ctx.save_for_backward(grad_x / count, grad_w / count)
+        ctx.save_for_backward(grad_x.div_(count), grad_w.div_(count))  # in place: no second (V, C) buffer
         return total / count
 
     @staticmethod
