@@ -66,6 +66,13 @@ class Interleaved:
     def load_state_dict(self, state: dict) -> None:
         self.loaders[0].load_state_dict(state)
 
+    def reseed(self, seed: int) -> None:
+        self.loaders[0].reseed(seed)
+
+    def close(self) -> None:
+        for loader in self.loaders:
+            loader.close()
+
 
 def install(setattr_, probe: dict, die: tuple[int, int] | None = None, hang: tuple[int, int] | None = None,
             nan: tuple[int, int] | None = None, sigterm: tuple[int, int] | None = None, interleave: int = 0,

@@ -43,11 +43,12 @@ def test_loss_goes_down(data_root, tmp_path):
 
 def test_resume_is_bit_exact(data_root, tmp_path):
     """40 iterations straight through equal 20, a resume, and 20 more: every logged loss and
-    every final weight, with dropout on (so the RNG state matters)."""
+    every final weight, with dropout on (so the RNG state matters). The straight run reads its
+    batches in the loop, the other two read ahead in the background by different amounts."""
     common = ["--max_iters=40", "--lr_decay_iters=40", "--eval_interval=20", "--log_interval=1", "--dropout=0.1"]
-    straight = train(tiny(data_root, tmp_path / "a", *common))
-    first = train(tiny(data_root, tmp_path / "b", *common, "--max_iters=20"))
-    second = train(tiny(data_root, tmp_path / "b", *common, "--init_from=resume"))
+    straight = train(tiny(data_root, tmp_path / "a", *common, "--prefetch=0"))
+    first = train(tiny(data_root, tmp_path / "b", *common, "--max_iters=20", "--prefetch=2"))
+    second = train(tiny(data_root, tmp_path / "b", *common, "--init_from=resume", "--prefetch=5"))
     assert [i for i, _ in straight["history"]] == list(range(40))
     assert first["history"] + second["history"] == straight["history"]
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)

@@ -42,12 +42,13 @@ def bench(argv: list[str]) -> dict:
     device, device_type, dtype = runtime.setup(cfg.device, cfg.dtype, cfg.seed)
 
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
+    loader = None
     if cfg.real_data and os.path.isfile(os.path.join(data_dir, "train.bin")):
         from .data import BatchLoader
         from .prepare import load_meta
         meta = load_meta(data_dir) or {}
         loader = BatchLoader(data_dir, "train", cfg.batch_size, cfg.block_size, device, cfg.seed,
-                             meta.get("dtype", "uint16"), cfg.vocab_size, cfg.dataset)
+                             meta.get("dtype", "uint16"), cfg.vocab_size, cfg.dataset, prefetch=cfg.prefetch)
         get_batch = loader.next
         source = "data from %s" % data_dir
     else:
@@ -109,6 +110,8 @@ def bench(argv: list[str]) -> dict:
     lossf = loss.item()
     runtime.synchronize(device_type)
     dt = (time.time() - t0) / cfg.steps
+    if loader is not None:
+        loader.close()
     if prof:
         prof.stop()
         print("profiler trace written to %s" % cfg.profile_dir)

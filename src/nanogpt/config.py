@@ -72,6 +72,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(40, "Micro-steps per optimizer step, summed over all processes (divided by the world size under DDP).")
     batch_size: int = _f(12, "Sequences per micro-step per process.")
     block_size: int = _f(1024, "Context length in tokens.")
+    prefetch: int = _f(2, "Training batches a background thread reads ahead while the device works (0 reads each in the loop); the batches and a resume are the same either way.")
     # model
     n_layer: int = _f(12, "Transformer blocks.")
     n_head: int = _f(12, "Attention heads per block.")
@@ -170,6 +171,7 @@ class BenchConfig:
     real_data: bool = _f(True, "Read batches from data_root/dataset when it exists; otherwise random tokens.")
     dataset: str = _f("openwebtext", "Dataset for real_data.")
     data_root: str = _f("data", "Folder that holds the dataset folders.")
+    prefetch: int = _f(2, "real_data: batches a background thread reads ahead (0 reads each in the timed step).")
     learning_rate: float = _f(6e-4, "Learning rate used in the timed steps.")
     weight_decay: float = _f(1e-1, "Weight decay.")
     optimizer: str = _f("adamw", "'adamw', 'striped_adamw', 'adafactor' or 'muon'.")
@@ -202,6 +204,8 @@ class BenchConfig:
             raise ConfigError("warmup_steps must be >= 0; got %r" % self.warmup_steps)
         if self.loss_chunk < 0:
             raise ConfigError("loss_chunk must be >= 0 (0 = all positions at once); got %r" % self.loss_chunk)
+        if self.prefetch < 0:
+            raise ConfigError("prefetch must be >= 0 (0 = no background reader); got %r" % self.prefetch)
         if self.n_embd % self.n_head:
             raise ConfigError("n_embd (%d) must be divisible by n_head (%d)" % (self.n_embd, self.n_head))
         _check_choice(self, "dtype", DTYPES)
@@ -314,7 +318,7 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
                 raise ConfigError("optimizer_in_backward=True needs %s" % why)
     if cfg.wandb_log and not cfg.wandb_project:
         raise ConfigError("wandb_project must be set when wandb_log=True")
-    for k in ("keep_last_k", "eval_tasks_limit", "batch_size_ramp_tokens", "batch_size_ramp_start", "loss_chunk"):
+    for k in ("keep_last_k", "eval_tasks_limit", "batch_size_ramp_tokens", "batch_size_ramp_start", "loss_chunk", "prefetch"):
         if getattr(cfg, k) < 0:
             raise ConfigError("%s must be >= 0; got %r" % (k, getattr(cfg, k)))
     if cfg.loss_spike_factor and cfg.loss_spike_factor <= 1:

@@ -157,11 +157,11 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
                         % (cfg.dataset, meta["max_token_id"], gconf.vocab_size))
     data_dtype = meta.get("dtype", "uint16") if meta else "uint16"
 
-    def loader(split: str, seed_: int) -> BatchLoader:
+    def loader(split: str, seed_: int, prefetch: int = 0) -> BatchLoader:
         return BatchLoader(data_dir, split, cfg.batch_size, gconf.block_size, device, seed_, data_dtype,
-                           gconf.vocab_size, cfg.dataset)
+                           gconf.vocab_size, cfg.dataset, prefetch=prefetch)
 
-    train_loader = loader("train", seed)
+    train_loader = loader("train", seed, cfg.prefetch)
     loader("val", seed)  # fail now, not at the first evaluation, when val.bin is missing
 
     model.to(device)
@@ -225,10 +225,10 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
             torch.set_rng_state(mine["torch"])
             if "cuda" in mine and device_type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda"], device)
-            train_loader.generator.set_state(mine["loader"])
+            train_loader.load_state_dict({"generator": mine["loader"]})
         else:  # another world size: a fresh, deterministic stream per rank
             torch.manual_seed(seed + 1000003 * iter_num)
-            train_loader.generator.manual_seed(seed + 1000003 * iter_num)
+            train_loader.reseed(seed + 1000003 * iter_num)
         log("resumed from %s at iter %d (best val loss %.4f)" % (ckpt_path, iter_num, best_val_loss))
         del ckpt, tstate
 
@@ -293,7 +293,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         train_state = {"optimizer": optimizer_state(),
                        "rng": {**checkpoint.rng_state(), "loader": train_loader.state_dict()}}
         if dinfo.enabled:  # the other ranks' dropout and batch streams, so a resume repeats them too
-            mine = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
+            mine = {"torch": torch.get_rng_state(), "loader": train_loader.state_dict()["generator"]}
             if device_type == "cuda":
                 mine["cuda"] = torch.cuda.get_rng_state(device)
             train_state["rng"]["ranks"] = dist.gather_states(mine, dinfo, device)
@@ -457,6 +457,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     finally:
         stop.restore()
         metrics.close()
+        train_loader.close()
 
     elapsed = time.time() - t_start
     done = iter_num - start_iter
