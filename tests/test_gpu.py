@@ -124,3 +124,22 @@ def test_cuda_graph_sampling_with_bfloat16_weights():
     out = model.generate(torch.zeros(2, 1, dtype=torch.long, device="cuda"), 100, temperature=1.0)
     torch.cuda.synchronize()
     assert out.shape == (2, 101) and int(out.max()) < 512
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a GPU with float8 matrix units (compute capability 8.9+)")
+def test_compiled_fp8_follows_bf16():
+    """fp8=True under torch.compile and bf16 autocast: torch._scaled_mm takes the operands as laid
+    out, the first losses match the bf16 path to float8 rounding and the loss falls as far."""
+    from nanogpt import fp8
+    curves = []
+    for use_fp8 in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=64)).cuda()
+        if use_fp8:
+            assert fp8.enable(model) == 8
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+        x = torch.randint(0, 128, (8, 65), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        curves.append(compiled_bf16_losses(model, opt, x, 20))
+    assert curves[1][:3] == pytest.approx(curves[0][:3], abs=5e-2)
+    assert curves[1][-1] < curves[1][0] - 1.0 and abs(curves[1][-1] - curves[0][-1]) < 0.3

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from . import runtime
-from .config import BenchConfig, load_config, run_cli
+from . import fp8, runtime
+from .config import BenchConfig, ConfigError, load_config, run_cli
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, optimizer_state_bytes
 
@@ -70,12 +70,18 @@ def bench(argv: list[str]) -> dict:
                                 state_dtype=cfg.optimizer_state_dtype, in_backward=cfg.optimizer_in_backward, seed=cfg.seed,
                                 muon_lr=cfg.muon_lr)
     flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    model = runtime.compile_model(model, cfg.compile, device_type)
+    if cfg.fp8:
+        why = fp8.unsupported(device_type, device)
+        if why:
+            raise ConfigError("fp8=True: %s; or pass --fp8=False" % why)
+        fp8.enable(model)
+    model = runtime.compile_model(model, cfg.compile, device_type, mode=cfg.compile_mode)
     ctx = runtime.autocast(device_type, dtype, cache=not cfg.activation_checkpointing)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    print("bench: %.1fM parameters, batch %dx%d, %s, %s, %s, compile=%s"
+    print("bench: %.1fM parameters, batch %dx%d, %s, %s, %s, compile=%s%s%s%s"
           % (sum(p.numel() for p in model.parameters()) / 1e6, cfg.batch_size, cfg.block_size, device, dtype,
-             source, cfg.compile))
+             source, cfg.compile, " (%s)" % cfg.compile_mode if cfg.compile and cfg.compile_mode != "default" else "",
+             ", fp8" if cfg.fp8 else "", ", loss_chunk=%d" % cfg.loss_chunk if cfg.loss_chunk else ""))
 
     def step():
         for _ in range(cfg.gradient_accumulation_steps):

@@ -94,6 +94,8 @@ class TrainConfig:
     optimizer_in_backward: bool = _f(False, "Step each parameter inside backward as soon as its gradient is ready and free it: no full set of gradients is held. Needs gradient_accumulation_steps=1, grad_clip=0, one process, no float16.")
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in backward instead of storing them: less memory, about a third more compute.")
     loss_chunk: int = _f(0, "Compute the output layer and cross-entropy this many positions at a time, never holding the (batch x block x vocab) logits; 0 computes them at once.")
+    fp8: bool = _f(False, "Multiply in float8 in the blocks' Linear layers (e4m3 inputs and weights, e5m2 gradients, one scale per tensor, torch._scaled_mm); weights and checkpoints are unchanged. Needs a GPU of compute capability 8.9+ (H100, L4, RTX 40xx); on the CPU the same numbers come from float32 products (for checking, not speed).")
+    compile_mode: str = _f("default", "torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune' or 'max-autotune-no-cudagraphs'.")
     learning_rate: float = _f(6e-4, "Peak learning rate.")
     max_iters: int = _f(600000, "Total optimizer steps.")
     weight_decay: float = _f(1e-1, "Decoupled weight decay, applied to parameters with 2 or more dimensions only.")
@@ -180,6 +182,8 @@ class BenchConfig:
     optimizer_in_backward: bool = _f(False, "Step each parameter inside backward (no full gradient buffer).")
     activation_checkpointing: bool = _f(False, "Recompute block activations in backward.")
     loss_chunk: int = _f(0, "Output layer and cross-entropy this many positions at a time (0 = all at once).")
+    fp8: bool = _f(False, "Float8 products in the blocks' Linear layers (see train's fp8).")
+    compile_mode: str = _f("default", "torch.compile mode: 'default', 'reduce-overhead', 'max-autotune' or 'max-autotune-no-cudagraphs'.")
     gradient_accumulation_steps: int = _f(1, "Micro-steps per timed step (must be 1 with optimizer_in_backward).")
     warmup_steps: int = _f(10, "Untimed steps first (compilation, allocator warm-up).")
     steps: int = _f(20, "Timed steps.")
@@ -209,6 +213,7 @@ class BenchConfig:
         if self.n_embd % self.n_head:
             raise ConfigError("n_embd (%d) must be divisible by n_head (%d)" % (self.n_embd, self.n_head))
         _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "compile_mode", COMPILE_MODES)
         _check_model_features(self)
         if self.optimizer == "muon" and self.optimizer_in_backward:
             raise ConfigError("optimizer='muon' cannot step inside backward; pass --optimizer_in_backward=False")
@@ -217,6 +222,7 @@ class BenchConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZERS = ("adamw", "striped_adamw", "adafactor", "muon")
 MODEL_FEATURES = {"rope": False, "qk_norm": False, "mlp_activation": "gelu", "untied_head": False}  # GPT-2's values
 
@@ -286,6 +292,7 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
                                   % (k, getattr(cfg, k), cfg.init_from, k))
     _check_choice(cfg, "backend", ("auto", "nccl", "gloo"))
     _check_choice(cfg, "parallelism", ("ddp", "fsdp"))
+    _check_choice(cfg, "compile_mode", COMPILE_MODES)
     if cfg.parallelism == "fsdp":
         if cfg.optimizer_in_backward:
             raise ConfigError("parallelism='fsdp' cannot step the optimizer inside backward; pass --optimizer_in_backward=False")

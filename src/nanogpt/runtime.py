@@ -94,7 +94,7 @@ def setup_backends(device_type: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compile_model(model, enabled: bool, device_type: str, log=print):
+def compile_model(model, enabled: bool, device_type: str, log=print, mode: str = "default"):
     """torch.compile where it can work; otherwise say why and return the model unchanged."""
     if not enabled:
         return model
@@ -102,7 +102,7 @@ def compile_model(model, enabled: bool, device_type: str, log=print):
     if why:
         log("compile: disabled (%s); running eagerly. Pass --compile=False to silence this." % why)
         return model
-    return torch.compile(model)
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def compile_blocker(device_type: str) -> str | None:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from . import checkpoint, dist, runtime
+from . import checkpoint, dist, fp8, runtime
 from .config import ConfigError, TrainConfig, UserError, load_config, run_cli, validate_train
 from .metrics import MetricsLog
 from .data import BatchLoader, DataError, dataset_dir, prepare_hint
@@ -169,6 +169,11 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     model.activation_checkpointing = cfg.activation_checkpointing
     model.loss_chunk = cfg.loss_chunk
+    if cfg.fp8:
+        why = fp8.unsupported(device_type, device)
+        if why:
+            raise ConfigError("fp8=True: %s; or pass --fp8=False" % why)
+        log("fp8: %d Linear layers in the blocks multiply in float8 (e4m3 forward, e5m2 gradients)" % fp8.enable(model))
     sharded = cfg.parallelism == "fsdp" and dinfo.enabled
     if sharded:  # before the optimizer is built: it must hold the sharded parameters
         from . import fsdp
@@ -233,7 +238,7 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
         del ckpt, tstate
 
     raw_model = model
-    model = runtime.compile_model(model, cfg.compile, device_type, log)
+    model = runtime.compile_model(model, cfg.compile, device_type, log, cfg.compile_mode)
     if dinfo.enabled and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[dinfo.local_rank] if device_type == "cuda" else None)
