@@ -65,3 +65,20 @@ def test_loss_memory_runs_every_variant():
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| full") or line.startswith("| chunk")]
     assert [c[0].strip() for c in rows] == ["full", "chunk=16"]
     assert rows[0][1] == rows[1][1]  # the same loss to 4 decimals
+
+
+def test_bench_levers_runs_each_row_and_reports_failures(tmp_path):
+    common = ("--device=cpu --compile=False --n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_size=2 "
+              "--vocab_size=64 --warmup_steps=1 --dtype=float32")
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "scripts/bench_levers.py", "--rows=baseline,fp8,loss_chunk", "--steps=1",
+                        "--json=%s" % out, "--common=%s" % common], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out.read_text())
+    assert [x["label"] for x in rows] == ["baseline", "fp8", "loss_chunk"]
+    assert all(x["tok_s"] > 0 and x["tokens_per_iter"] == 64 for x in rows)
+    assert rows[0]["loss"] == pytest.approx(rows[2]["loss"], abs=1e-4)  # the same step, the loss in chunks
+    assert "| fp8 | `--fp8=True` |" in r.stdout
+    bad = subprocess.run([sys.executable, "scripts/bench_levers.py", "--rows=baseline", "--steps=1",
+                          "--common=%s --n_head=3" % common], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 0 and "failed: error: n_embd (32) must be divisible by n_head (3)" in bad.stdout
