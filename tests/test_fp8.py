@@ -104,7 +104,9 @@ def test_training_with_fp8_tracks_the_plain_run(data_root, tmp_path):
     assert list(a) == list(b)  # the checkpoint is a plain one: sampling and export need nothing new
 
 
-def test_where_fp8_cannot_run(monkeypatch):
+def test_where_fp8_cannot_run(monkeypatch, data_root, tmp_path):
+    with pytest.raises(ConfigError, match="fp8=True is not yet checked with parallelism='fsdp'"):
+        train(tiny(data_root, tmp_path, "--fp8=True", "--parallelism=fsdp"))
     assert "not on mps" in fp8.unsupported("mps", "mps")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert "compute capability 8.0" in fp8.unsupported("cuda", "cuda")

@@ -294,6 +294,8 @@ def validate_train(cfg: TrainConfig, world_size: int = 1) -> None:
     _check_choice(cfg, "parallelism", ("ddp", "fsdp"))
     _check_choice(cfg, "compile_mode", COMPILE_MODES)
     if cfg.parallelism == "fsdp":
+        if cfg.fp8:
+            raise ConfigError("fp8=True is not yet checked with parallelism='fsdp'; use --parallelism=ddp or --fp8=False")
         if cfg.optimizer_in_backward:
             raise ConfigError("parallelism='fsdp' cannot step the optimizer inside backward; pass --optimizer_in_backward=False")
         if cfg.eval_tasks and world_size > 1:
