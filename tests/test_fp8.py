@@ -108,6 +108,10 @@ def test_where_fp8_cannot_run(monkeypatch, data_root, tmp_path):
     with pytest.raises(ConfigError, match="fp8=True is not yet checked with parallelism='fsdp'"):
         train(tiny(data_root, tmp_path, "--fp8=True", "--parallelism=fsdp"))
     assert "not on mps" in fp8.unsupported("mps", "mps")
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    with pytest.raises(ConfigError, match="fp8=True: float8 .* not on mps; or pass --fp8=False"):
+        fp8.apply(model, "mps", "mps")
+    assert type(model.transformer.h[0].mlp.c_fc) is nn.Linear  # refused before anything changed
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert "compute capability 8.0" in fp8.unsupported("cuda", "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

@@ -12,7 +12,7 @@ import time
 import torch
 
 from . import fp8, runtime
-from .config import BenchConfig, ConfigError, load_config, run_cli
+from .config import BenchConfig, load_config, run_cli
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, optimizer_state_bytes
 
@@ -71,10 +71,7 @@ def bench(argv: list[str]) -> dict:
                                 muon_lr=cfg.muon_lr)
     flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     if cfg.fp8:
-        why = fp8.unsupported(device_type, device)
-        if why:
-            raise ConfigError("fp8=True: %s; or pass --fp8=False" % why)
-        fp8.enable(model)
+        fp8.apply(model, device_type, device)
     model = runtime.compile_model(model, cfg.compile, device_type, mode=cfg.compile_mode)
     ctx = runtime.autocast(device_type, dtype, cache=not cfg.activation_checkpointing)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))

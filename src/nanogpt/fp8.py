@@ -16,13 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ConfigError
+from .model import autocast_dtype
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 def unsupported(device_type: str, device: str) -> str | None:
     """Why float8 products cannot run here, or None."""
-    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
-        return "this torch has no float8 matrix products; upgrade torch"
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
@@ -92,7 +93,7 @@ class Float8Linear(nn.Linear):
         if not fits(m, k, n):
             return F.linear(x, self.weight, self.bias)
         kind = x.device.type
-        out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        out_dtype = autocast_dtype(kind, x.dtype)
         with torch.autocast(kind, enabled=False):
             y = _Float8Product.apply(x.reshape(m, k), self.weight, out_dtype).view(*x.shape[:-1], n)  # (..., N)
             if self.bias is not None:
@@ -110,3 +111,11 @@ def enable(model: nn.Module) -> int:
                 module.__class__ = Float8Linear
                 count += 1
     return count
+
+
+def apply(model: nn.Module, device_type: str, device: str) -> int:
+    """``enable`` where float8 products can run; otherwise a one-line error naming the key."""
+    why = unsupported(device_type, device)
+    if why:
+        raise ConfigError("fp8=True: %s; or pass --fp8=False" % why)
+    return enable(model)

@@ -19,6 +19,11 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast runs matrix products in on this device, or ``default`` outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024
@@ -86,7 +91,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
         # x (N, C), weight (V, C), targets (N,) with -1 = ignored
         dev = x.device.type
         amp = torch.is_autocast_enabled(dev)
-        dt = torch.get_autocast_dtype(dev) if amp else weight.dtype  # the matmuls' dtype, as lm_head would use
+        dt = autocast_dtype(dev, weight.dtype)  # the matmuls' dtype, as lm_head would use
         if dt == torch.float16:
             dt = torch.float32  # gradients are formed here, before any loss scaling: float16 would underflow
         count = (targets != -1).sum().clamp(min=1).float()
@@ -345,8 +350,7 @@ class GPT(nn.Module):
                 ctx = idx[:, -bs:]
                 if cache is None:
                     p = next(self.parameters())
-                    dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else p.dtype
-                    cache = KVCache(self.config, idx.size(0), bs, idx.device, dtype)
+                    cache = KVCache(self.config, idx.size(0), bs, idx.device, autocast_dtype(idx.device.type, p.dtype))
                 cache.pos = 0
                 logits, _ = self(ctx, cache=cache, last_only=True)
                 if static and step is None:

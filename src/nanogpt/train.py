@@ -170,10 +170,8 @@ def _train(cfg: TrainConfig, explicit: set, dinfo: dist.DistInfo, device: str) -
     model.activation_checkpointing = cfg.activation_checkpointing
     model.loss_chunk = cfg.loss_chunk
     if cfg.fp8:
-        why = fp8.unsupported(device_type, device)
-        if why:
-            raise ConfigError("fp8=True: %s; or pass --fp8=False" % why)
-        log("fp8: %d Linear layers in the blocks multiply in float8 (e4m3 forward, e5m2 gradients)" % fp8.enable(model))
+        n = fp8.apply(model, device_type, device)
+        log("fp8: %d Linear layers in the blocks multiply in float8 (e4m3 forward, e5m2 gradients)" % n)
     sharded = cfg.parallelism == "fsdp" and dinfo.enabled
     if sharded:  # before the optimizer is built: it must hold the sharded parameters
         from . import fsdp
