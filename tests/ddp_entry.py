@@ -86,7 +86,7 @@ def install(setattr_, probe: dict, die: tuple[int, int] | None = None, hang: tup
 
     get_lr = nanogpt.train.get_lr
 
-    def traced_get_lr(it, cfg):  # called once as every iteration starts
+    def traced_get_lr(it, *args):  # called once as every iteration starts
         state["iter"] = it
         if die is not None and die == (rank, it):
             sys.stdout.flush()
@@ -96,7 +96,7 @@ def install(setattr_, probe: dict, die: tuple[int, int] | None = None, hang: tup
             time.sleep(3600)
         if sigterm is not None and sigterm == (rank, it):
             os.kill(os.getpid(), signal.SIGTERM)
-        return get_lr(it, cfg)
+        return get_lr(it, *args)
 
     setattr_(nanogpt.train, "get_lr", traced_get_lr)
 

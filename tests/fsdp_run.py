@@ -31,7 +31,7 @@ class FixedBatches:
     """Stands in for nanogpt.data.BatchLoader (same constructor and methods)."""
 
     def __init__(self, data_dir, split, batch_size, block_size, device, seed, dtype="uint16", vocab_size=None,
-                 dataset="", prefetch=0):
+                 dataset="", prefetch=0, meta=None):
         self.data = np.memmap(os.path.join(data_dir, "%s.bin" % split), dtype=np.dtype(dtype), mode="r")
         self.split, self.batch_size, self.block_size, self.device = split, batch_size, block_size, device
         self.training = split == "train" and seed == RUN["seed"] + RUN["rank"]  # the training stream
@@ -82,9 +82,9 @@ def share_one_process_group() -> None:
 def train_with_fixed_batches(argv: list[str]) -> dict:
     """nanogpt.train.train(argv), reading FixedBatches."""
     import nanogpt.train as train_mod
-    from nanogpt.config import TrainConfig, load_config
+    from nanogpt.train import TrainConfig
 
-    cfg, _ = load_config(TrainConfig, argv)
+    cfg = TrainConfig.parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     RUN.update(seed=cfg.seed, rank=int(os.environ.get("RANK", "0")), world=world,
                accum=cfg.gradient_accumulation_steps // world,
@@ -92,7 +92,7 @@ def train_with_fixed_batches(argv: list[str]) -> dict:
     saved = train_mod.BatchLoader
     train_mod.BatchLoader = FixedBatches
     try:
-        return train_mod.train(argv)
+        return train_mod.train(TrainConfig.parse(argv))
     finally:
         train_mod.BatchLoader = saved
 

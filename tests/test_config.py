@@ -5,8 +5,12 @@ import os
 
 import pytest
 
-from nanogpt.config import (BenchConfig, ConfigError, SampleConfig, TrainConfig, load_config, markdown_table,
-                            validate_train)
+from helpers import parse
+from nanogpt.bench import BenchConfig
+from nanogpt.config import markdown_table
+from nanogpt.errors import ConfigError
+from nanogpt.sample import SampleConfig
+from nanogpt.train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,26 +22,26 @@ def test_defaults_are_nanogpts():
     assert (c.learning_rate, c.max_iters, c.weight_decay, c.beta1, c.beta2, c.grad_clip) == (6e-4, 600000, 0.1, 0.9, 0.95, 1.0)
     assert (c.warmup_iters, c.lr_decay_iters, c.min_lr) == (2000, 600000, 6e-5)
     assert (c.eval_interval, c.eval_iters, c.log_interval, c.init_from, c.optimizer) == (2000, 200, 1, "scratch", "adamw")
-    validate_train(c)
+    (c).validate()
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))))
 def test_every_shipped_config_loads_and_validates(path):
-    cfg, explicit = load_config(TrainConfig, [path])
+    cfg, explicit = parse(TrainConfig, [path])
     assert explicit
     if cfg.init_from not in ("scratch", "resume"):
         assert cfg.init_from.startswith("gpt2")
-    validate_train(cfg)
+    (cfg).validate()
 
 
 def test_shakespeare_char_values():
-    cfg, _ = load_config(TrainConfig, [os.path.join(ROOT, "config", "train_shakespeare_char.py")])
+    cfg, _ = parse(TrainConfig, [os.path.join(ROOT, "config", "train_shakespeare_char.py")])
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (6, 6, 384, 256, 64)
     assert (cfg.dropout, cfg.learning_rate, cfg.max_iters, cfg.beta2, cfg.warmup_iters) == (0.2, 1e-3, 5000, 0.99, 100)
 
 
 def test_overrides_parse_as_literals():
-    cfg, explicit = load_config(TrainConfig, ["--batch_size=32", "--compile=False", "--learning_rate=3e-4",
+    cfg, explicit = parse(TrainConfig, ["--batch_size=32", "--compile=False", "--learning_rate=3e-4",
                                               "--init_from=gpt2", "--dropout=0", "--wandb_run_name=42"])
     assert cfg.batch_size == 32 and cfg.compile is False and cfg.learning_rate == 3e-4
     assert cfg.init_from == "gpt2" and cfg.wandb_run_name == "42"
@@ -48,7 +52,7 @@ def test_overrides_parse_as_literals():
 def test_later_arguments_win(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("import math\nbatch_size = 3\nn_layer = int(math.sqrt(16))\n")
-    cfg, _ = load_config(TrainConfig, [str(f), "--batch_size=5"])
+    cfg, _ = parse(TrainConfig, [str(f), "--batch_size=5"])
     assert cfg.batch_size == 5 and cfg.n_layer == 4
 
 
@@ -62,21 +66,21 @@ def test_later_arguments_win(tmp_path):
 ])
 def test_bad_arguments(args, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(TrainConfig, args)
+        parse(TrainConfig, args)
 
 
 def test_unknown_key_in_config_file(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("n_layers = 4\n")
     with pytest.raises(ConfigError, match="unknown config key 'n_layers' in config file"):
-        load_config(TrainConfig, [str(f)])
+        parse(TrainConfig, [str(f)])
 
 
 def test_broken_config_file(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("batch_size = = 3\n")
     with pytest.raises(ConfigError, match="failed to run"):
-        load_config(TrainConfig, [str(f)])
+        parse(TrainConfig, [str(f)])
 
 
 @pytest.mark.parametrize("kw,world,match", [
@@ -93,15 +97,15 @@ def test_broken_config_file(tmp_path):
 def test_impossible_combinations(kw, world, match):
     cfg = TrainConfig(**kw)
     with pytest.raises(ConfigError, match=match):
-        validate_train(cfg, world)
+        cfg.validate(world_size=world)
 
 
 def test_sample_and_bench_validation():
     with pytest.raises(ConfigError, match="top_p"):
-        load_config(SampleConfig, ["--top_p=0"])[0].validate()
+        parse(SampleConfig, ["--top_p=0"])[0].validate()
     with pytest.raises(ConfigError, match="n_embd"):
-        load_config(BenchConfig, ["--n_embd=10", "--n_head=3"])[0].validate()
-    cfg, _ = load_config(SampleConfig, ["--start=FILE:prompt.txt", "--temperature=0"])
+        parse(BenchConfig, ["--n_embd=10", "--n_head=3"])[0].validate()
+    cfg, _ = parse(SampleConfig, ["--start=FILE:prompt.txt", "--temperature=0"])
     assert cfg.start == "FILE:prompt.txt" and cfg.temperature == 0.0
 
 

@@ -14,8 +14,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nanogpt import checkpoint, evaluate
-from nanogpt.config import ConfigError, EvalConfig, TrainConfig, UserError, load_config
+from helpers import evaluate as eval_cmd
+from nanogpt import checkpoint, evaluate, scoring
+from helpers import parse
+from nanogpt.errors import ConfigError, UserError
+from nanogpt.evaluate import EvalConfig
+from nanogpt.train import TrainConfig
 from nanogpt.model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,8 +161,8 @@ def reference_continuation(model, context, cont, window):
 @pytest.mark.parametrize("n,window,stride", [(2, 4, 4), (10, 4, 4), (11, 4, 1), (100, 16, 5), (17, 16, 16), (64, 8, 3)])
 def test_windows_score_every_token_once(n, window, stride):
     seen = []
-    spans = list(evaluate.iter_windows(n, window, stride))
-    assert len(spans) == evaluate.window_count(n, window, stride)
+    spans = list(scoring.iter_windows(n, window, stride))
+    assert len(spans) == scoring.window_count(n, window, stride)
     for i, (begin, end, first) in enumerate(spans):
         assert 0 < end - begin <= window and end <= n - 1 and begin < first <= end + 1
         seen.extend(range(first, end + 1))
@@ -171,11 +175,11 @@ def test_utf8_len_counts_bytes_not_characters(ours, bpe):
     tok = ours[1]
     ids = bpe.encode("a🙂b")
     assert len(ids) > 3  # the emoji's four bytes span two tokens
-    assert sum(evaluate.utf8_len(tok, [i]) for i in ids) == evaluate.utf8_len(tok, ids) == 6
-    assert evaluate.utf8_len(tok, [bpe.eot_token] + ids) == 6
+    assert sum(scoring.utf8_len(tok, [i]) for i in ids) == scoring.utf8_len(tok, ids) == 6
+    assert scoring.utf8_len(tok, [bpe.eot_token] + ids) == 6
     from nanogpt.tokenizer import CharTokenizer
     chars = CharTokenizer({"stoi": {"a": 0, "é": 1}, "itos": {0: "a", 1: "é"}})
-    assert evaluate.utf8_len(chars, [0, 1, 1]) == 5
+    assert scoring.utf8_len(chars, [0, 1, 1]) == 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def test_utf8_len_counts_bytes_not_characters(ours, bpe):
 def test_perplexity_matches_transformers(hf, ours, text_file, bpe, stride):
     model, tok = ours
     ids = bpe.encode(text_file[1], allowed_special={"<|endoftext|>"})
-    r = evaluate.perplexity(model, np.array(ids), tok, "cpu", nullcontext(), BLOCK, stride, batch_size=3, progress=False)
+    r = scoring.perplexity(model, np.array(ids), tok, "cpu", nullcontext(), BLOCK, stride, batch_size=3, progress=False)
     nll, count = reference_nll(hf[1], ids, BLOCK, stride)
     assert r["tokens"] == count == len(ids) - 1
     assert r["loss"] == pytest.approx(nll / count, rel=1e-4, abs=1e-4)
@@ -200,9 +204,9 @@ def test_perplexity_matches_transformers(hf, ours, text_file, bpe, stride):
 def test_overlapping_windows_change_the_context(ours, text_file, bpe):
     model, tok = ours
     ids = np.array(bpe.encode(text_file[1], allowed_special="all"))
-    a = evaluate.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, BLOCK, progress=False)
-    b = evaluate.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, 8, progress=False)
-    c = evaluate.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, 8, batch_size=5, progress=False)
+    a = scoring.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, BLOCK, progress=False)
+    b = scoring.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, 8, progress=False)
+    c = scoring.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, 8, batch_size=5, progress=False)
     assert a["tokens"] == b["tokens"] and a["bytes"] == b["bytes"]
     assert abs(a["loss"] - b["loss"]) > 1e-3  # the same tokens, scored with other contexts
     assert b["loss"] == pytest.approx(c["loss"], rel=1e-6)  # batching does not change what is scored
@@ -221,8 +225,8 @@ def test_padded_vocabulary_is_left_out(ours, text_file, bpe):
             else:
                 v.copy_(sd[k])
     ids = np.array(bpe.encode(text_file[1], allowed_special="all"))[:200]
-    a = evaluate.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, BLOCK, progress=False)
-    b = evaluate.perplexity(padded, ids, tok, "cpu", nullcontext(), BLOCK, BLOCK, progress=False)
+    a = scoring.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, BLOCK, progress=False)
+    b = scoring.perplexity(padded, ids, tok, "cpu", nullcontext(), BLOCK, BLOCK, progress=False)
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
@@ -232,7 +236,7 @@ def test_padded_vocabulary_is_left_out(ours, text_file, bpe):
 
 def test_hellaswag_matches_transformers(hf, ours, hellaswag_file, bpe):
     model, tok = ours
-    r = evaluate.hellaswag(model, hellaswag_file, tok, "cpu", nullcontext(), BLOCK, batch_size=5, progress=False, details=True)
+    r = scoring.hellaswag(model, hellaswag_file, tok, "cpu", nullcontext(), BLOCK, batch_size=5, progress=False, details=True)
     assert r["n"] == len(HELLASWAG)
     acc = acc_norm = 0
     for ex, got in zip(HELLASWAG, r["examples"]):
@@ -269,15 +273,15 @@ def test_acc_sums_and_acc_norm_averages(monkeypatch, hellaswag_file, ours):
         assert len(pairs) == sum(sizes)
         return [(-1.5 * n if n > 1 else -2.0, n, False) for row in n_tokens for n in row]
 
-    monkeypatch.setattr(evaluate, "score_continuations", fake)
-    r = evaluate.hellaswag(ours[0], hellaswag_file, ours[1], "cpu", nullcontext(), BLOCK, progress=False)
+    monkeypatch.setattr(scoring, "score_continuations", fake)
+    r = scoring.hellaswag(ours[0], hellaswag_file, ours[1], "cpu", nullcontext(), BLOCK, progress=False)
     assert (r["acc"], r["acc_norm"]) == (0.0, 1.0)
 
 
 def test_lambada_matches_transformers(hf, ours, lambada_file, bpe):
     model, tok = ours
     path, lines = lambada_file
-    r = evaluate.lambada(model, path, tok, "cpu", nullcontext(), BLOCK, batch_size=4, progress=False, details=True)
+    r = scoring.lambada(model, path, tok, "cpu", nullcontext(), BLOCK, batch_size=4, progress=False, details=True)
     hits, nll = [], 0.0
     for text, (lp, k, greedy) in zip(lines, r["examples"]):
         context, word = text.rsplit(" ", 1)
@@ -291,7 +295,7 @@ def test_lambada_matches_transformers(hf, ours, lambada_file, bpe):
     assert r["n"] == len(lines) and r["acc"] == sum(hits) / len(lines)
     assert r["loss"] == pytest.approx(nll / len(lines), rel=1e-5)
     assert r["ppl"] == pytest.approx(math.exp(nll / len(lines)), rel=1e-4)
-    assert evaluate.lambada(model, path, tok, "cpu", nullcontext(), BLOCK, limit=2, progress=False)["n"] == 2
+    assert scoring.lambada(model, path, tok, "cpu", nullcontext(), BLOCK, limit=2, progress=False)["n"] == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,22 +304,22 @@ def test_lambada_matches_transformers(hf, ours, lambada_file, bpe):
 
 def test_run_tasks_keeps_the_mode_and_is_deterministic(ours, hellaswag_file, lambada_file, text_file):
     model, tok = ours
-    tasks = evaluate.parse_tasks("hellaswag=%s, lambada=%s,ppl=%s" % (hellaswag_file, lambada_file[0], text_file[0]))
+    tasks = scoring.parse_tasks("hellaswag=%s, lambada=%s,ppl=%s" % (hellaswag_file, lambada_file[0], text_file[0]))
     assert list(tasks) == ["hellaswag", "lambada", "ppl"]
     model.train()
     try:
-        first = evaluate.run_tasks(model, tasks, tok, "cpu", nullcontext())
+        first = scoring.run_tasks(model, tasks, tok, "cpu", nullcontext())
         assert model.training
         model.eval()
-        second = evaluate.run_tasks(model, tasks, tok, "cpu", nullcontext())
+        second = scoring.run_tasks(model, tasks, tok, "cpu", nullcontext())
         assert not model.training
     finally:
         model.eval()
     assert set(first) == {"hellaswag/acc", "hellaswag/acc_norm", "lambada/acc", "lambada/ppl", "ppl/loss", "ppl/ppl", "ppl/bpb"}
     assert first == second  # bit for bit
-    direct = evaluate.hellaswag(model, hellaswag_file, tok, "cpu", nullcontext(), BLOCK, progress=False)
+    direct = scoring.hellaswag(model, hellaswag_file, tok, "cpu", nullcontext(), BLOCK, progress=False)
     assert first["hellaswag/acc_norm"] == direct["acc_norm"]
-    limited = evaluate.run_tasks(model, {"ppl": text_file[0]}, tok, "cpu", nullcontext(), limit=2)
+    limited = scoring.run_tasks(model, {"ppl": text_file[0]}, tok, "cpu", nullcontext(), limit=2)
     assert limited["ppl/loss"] != first["ppl/loss"]  # two windows, not the whole text
 
 
@@ -323,9 +327,9 @@ def test_run_tasks_keeps_the_mode_and_is_deterministic(ours, hellaswag_file, lam
                                          ("lambada=/no/such/file.jsonl", "does not exist")])
 def test_parse_tasks_errors_name_the_key(spec, needle):
     with pytest.raises(ConfigError) as e:
-        evaluate.parse_tasks(spec)
+        scoring.parse_tasks(spec)
     assert str(e.value).startswith("eval_tasks") and needle in str(e.value)
-    assert evaluate.parse_tasks("") == {}
+    assert scoring.parse_tasks("") == {}
 
 
 def test_bad_task_files_are_one_line(tmp_path, ours):
@@ -334,11 +338,11 @@ def test_bad_task_files_are_one_line(tmp_path, ours):
     for content, needle in (('{"ctx": "a", "endings": ["b"], "label": 3}\n', "line 1"), ("{nope\n", "not valid JSON"), ("\n", "no examples")):
         bad.write_text(content)
         with pytest.raises(UserError) as e:
-            evaluate.hellaswag(model, str(bad), tok, "cpu", nullcontext(), BLOCK, progress=False)
+            scoring.hellaswag(model, str(bad), tok, "cpu", nullcontext(), BLOCK, progress=False)
         assert needle in str(e.value) and "\n" not in str(e.value)
     bad.write_text('{"text": "oneword"}\n')
     with pytest.raises(UserError, match="words before its last word"):
-        evaluate.lambada(model, str(bad), tok, "cpu", nullcontext(), BLOCK, progress=False)
+        scoring.lambada(model, str(bad), tok, "cpu", nullcontext(), BLOCK, progress=False)
 
 
 def test_config_validation():
@@ -346,7 +350,7 @@ def test_config_validation():
                       (["--max_tokens=1"], "max_tokens"), (["--hellaswag=/no/such.jsonl"], "hellaswag"),
                       (["--sha256=xyz"], "sha256"), (["--dataset=a", "--text_file=%s" % __file__], "text_file"),
                       (["--split=../val"], "split")):
-        cfg, _ = load_config(EvalConfig, argv)
+        cfg, _ = parse(EvalConfig, argv)
         with pytest.raises(ConfigError, match=key):
             cfg.validate()
 
@@ -360,7 +364,7 @@ def test_download_needs_a_checksum_or_a_good_copy(tmp_path, monkeypatch):
     (mirror / "lambada").mkdir(parents=True)
     (mirror / "lambada" / "lambada_test.jsonl").write_text('{"text": "not the real file"}\n')
     cfg = EvalConfig(lambada="download", cache_dir=str(tmp_path / "cache"), mirror=str(mirror))
-    with pytest.raises(UserError, match="expected %s" % evaluate.LAMBADA_SHA256):
+    with pytest.raises(UserError, match="expected %s" % scoring.LAMBADA_SHA256):
         evaluate.task_file("lambada", "download", cfg)
     assert not (tmp_path / "cache" / "lambada_test.jsonl").exists()
     # with the user's checksum the same mechanism accepts a file
@@ -375,16 +379,16 @@ def test_download_needs_a_checksum_or_a_good_copy(tmp_path, monkeypatch):
 
 
 def test_char_checkpoint_on_val_split(data_root, tmp_path):
-    from nanogpt.prepare import load_meta
+    from nanogpt.data import load_meta
     meta = load_meta(str(data_root / "shakespeare_char"))
     torch.manual_seed(1)
     gconf = GPTConfig(block_size=32, vocab_size=meta["vocab_size"], n_layer=1, n_head=2, n_embd=32, dropout=0.0)
     model = GPT(gconf).eval()
     tconf = TrainConfig(dataset="shakespeare_char", data_root=str(data_root), out_dir=str(tmp_path))
     checkpoint.save({"format": checkpoint.FORMAT, "model": model.state_dict(), "model_args": asdict(gconf),
-                     "config": asdict(tconf), "iter_num": 0, "tokens_seen": 0}, str(tmp_path / "ckpt.pt"))
+                     "config": tconf.to_dict(), "iter_num": 0, "tokens_seen": 0}, str(tmp_path / "ckpt.pt"))
     # no dataset named: the training run's dataset, val split
-    r = evaluate.evaluate(["--out_dir=%s" % tmp_path, "--data_root=%s" % data_root, "--device=cpu", "--max_tokens=1000",
+    r = eval_cmd(["--out_dir=%s" % tmp_path, "--data_root=%s" % data_root, "--device=cpu", "--max_tokens=1000",
                            "--batch_size=7", "--json_out=%s" % (tmp_path / "r.json")])
     p = r["perplexity"]
     assert p["source"].endswith(os.path.join("shakespeare_char", "val.bin")) and p["tokens"] == 999
@@ -402,7 +406,7 @@ def test_char_checkpoint_on_val_split(data_root, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["perplexity"]["loss"] == p["loss"]
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
     # the train split can be chosen
-    r2 = evaluate.evaluate(["--out_dir=%s" % tmp_path, "--data_root=%s" % data_root, "--device=cpu", "--split=train",
+    r2 = eval_cmd(["--out_dir=%s" % tmp_path, "--data_root=%s" % data_root, "--device=cpu", "--split=train",
                             "--dataset=shakespeare_char", "--max_tokens=200", "--block_size=16", "--stride=4"])
     assert r2["perplexity"]["source"].endswith("train.bin") and r2["perplexity"]["tokens"] == 199
     # without the character table the tokenizer would be GPT-2 BPE: refused, pointing at data_root
@@ -412,14 +416,14 @@ def test_char_checkpoint_on_val_split(data_root, tmp_path):
     ckpt["config"]["data_root"] = str(other)
     checkpoint.save(ckpt, str(tmp_path / "ckpt.pt"))
     with pytest.raises(UserError, match="--data_root"):
-        evaluate.evaluate(["--out_dir=%s" % tmp_path, "--data_root=%s" % other, "--device=cpu", "--text_file=%s" % __file__])
+        eval_cmd(["--out_dir=%s" % tmp_path, "--data_root=%s" % other, "--device=cpu", "--text_file=%s" % __file__])
 
 
 def test_training_loop_runs_the_tasks(data_root, tmp_path):
     """eval_tasks in a short training run: the logged ppl/loss is what eval.py measures on the
     checkpoint saved at that evaluation."""
     from nanogpt import metrics
-    from nanogpt.train import train
+    from helpers import train
     with open(os.path.join(ROOT, "data", "shakespeare_char", "input.txt"), encoding="utf-8") as f:
         text = f.read()[:2000]
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
@@ -431,14 +435,14 @@ def test_training_loop_runs_the_tasks(data_root, tmp_path):
            "--eval_tasks=ppl=%s,lambada=%s" % (tmp_path / "t.txt", tmp_path / "l.jsonl")])
     evals = [r for r in metrics.read(str(out / "metrics.jsonl")) if r.get("kind") == "eval"]
     assert evals and all({"ppl/loss", "ppl/bpb", "lambada/acc", "lambada/ppl"} <= set(r) for r in evals)
-    r = evaluate.evaluate(["--out_dir=%s" % out, "--device=cpu", "--text_file=%s" % (tmp_path / "t.txt")])
+    r = eval_cmd(["--out_dir=%s" % out, "--device=cpu", "--text_file=%s" % (tmp_path / "t.txt")])
     assert r["perplexity"]["loss"] == pytest.approx(evals[-1]["ppl/loss"], rel=1e-5)
     assert r["perplexity"]["bpb"] == pytest.approx(evals[-1]["ppl/bpb"], rel=1e-5)
 
 
 def test_a_bpe_model_refuses_character_data(hf, data_root):
     with pytest.raises(UserError, match="character vocabulary"):
-        evaluate.evaluate(["--init_from=%s" % hf[0], "--device=cpu", "--dataset=shakespeare_char", "--data_root=%s" % data_root])
+        eval_cmd(["--init_from=%s" % hf[0], "--device=cpu", "--dataset=shakespeare_char", "--data_root=%s" % data_root])
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,11 +465,11 @@ def test_cli_matches_the_api(tmp_path, hf, ours, text_file, hellaswag_file, lamb
     got = json.loads(out.read_text())
     model, tok = ours
     ids = np.array(tok.encode(text_file[1]))
-    direct = evaluate.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, 16, progress=False)
+    direct = scoring.perplexity(model, ids, tok, "cpu", nullcontext(), BLOCK, 16, progress=False)
     assert got["perplexity"]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
     assert got["perplexity"]["bpb"] == pytest.approx(direct["bpb"], rel=1e-6)
     assert got["hellaswag"]["n"] == len(HELLASWAG) and got["lambada"]["n"] == len(lambada_file[1])
-    hs = evaluate.hellaswag(model, hellaswag_file, tok, "cpu", nullcontext(), BLOCK, progress=False)
+    hs = scoring.hellaswag(model, hellaswag_file, tok, "cpu", nullcontext(), BLOCK, progress=False)
     assert (got["hellaswag"]["acc"], got["hellaswag"]["acc_norm"]) == (hs["acc"], hs["acc_norm"])
 
     bad = run_eval(["--init_from=%s" % hf[0], "--hellaswag=download", "--cache_dir=%s" % tmp_path], env)

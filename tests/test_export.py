@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from nanogpt import checkpoint  # noqa: E402
-from nanogpt.config import TrainConfig  # noqa: E402
+from nanogpt.train import TrainConfig  # noqa: E402
 from nanogpt.export import main  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
 
@@ -35,7 +35,7 @@ def tiny_model(vocab_size, bias, seed=0):
 def save_training_checkpoint(out_dir, model, gconf, extra_args=None, **config):
     """A checkpoint as training writes it (see save_checkpoint in train.py)."""
     os.makedirs(out_dir, exist_ok=True)
-    cfg = asdict(TrainConfig(**config))
+    cfg = TrainConfig(**config).to_dict()
     ckpt = {"format": checkpoint.FORMAT, "model": model.state_dict(), "model_args": dict(asdict(gconf), **(extra_args or {})),
             "config": cfg, "iter_num": 10, "tokens_seen": 1000, "best_val_loss": 3.0, "world_size": 1}
     checkpoint.save(ckpt, os.path.join(out_dir, "ckpt.pt"))
@@ -71,7 +71,7 @@ def test_char_model_with_bias(tmp_path, data_root, capsys, monkeypatch):
     assert cfg["bos_token_id"] is None and cfg["eos_token_id"] is None  # 50256 is no id of this vocabulary
     assert not (hf_dir / "vocab.json").exists()
 
-    from nanogpt.prepare import load_meta
+    from nanogpt.data import load_meta
     meta = load_meta(str(data_root / "shakespeare_char"))
     table = json.loads((hf_dir / "vocab_chars.json").read_text(encoding="utf-8"))
     ids = [meta["stoi"][c] for c in "First Citizen:\nBefore we proceed"]
@@ -195,7 +195,7 @@ def test_target_folder(tmp_path, capsys, monkeypatch):
 
     def broken(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(export_mod, "write_char_table", broken)
+    monkeypatch.setattr(export_mod, "write_hf_tokenizer", broken)
     monkeypatch.setattr(export_mod, "vocabulary_kind", lambda meta, v: "char")
     with pytest.raises(OSError):  # a failure half way leaves the old folder and no temp folder
         main(argv + ["--overwrite=True"])

@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 
-from nanogpt.config import ConfigError, TrainConfig, validate_train
-from nanogpt.model import GPT, GPTConfig, KVCache, apply_rotary, chunked_cross_entropy, rotary_tables
+from nanogpt.errors import ConfigError
+from nanogpt.train import TrainConfig
+from nanogpt.generate import KVCache, generate
+from nanogpt.loss import chunked_cross_entropy
+from nanogpt.model import GPT, GPTConfig, apply_rotary, rotary_tables
 from nanogpt.optim import Muon, build_optimizer, orthogonalize
-from nanogpt.train import train
+from helpers import train
 
 from test_train import tiny
 
@@ -81,10 +84,10 @@ def test_cached_generation_equals_uncached(kw):
     torch.manual_seed(0)
     model = GPT(small(**kw)).eval()
     idx = torch.randint(0, 97, (2, 5))
-    a = model.generate(idx, 45, temperature=0, use_cache=True)
-    b = model.generate(idx, 45, temperature=0, use_cache=False)
+    a = generate(model, idx, 45, temperature=0, use_cache=True)
+    b = generate(model, idx, 45, temperature=0, use_cache=False)
     with torch.no_grad():
-        c = model._generate(idx, 45, 0, None, None, True, None, None, static=True, graph=False)
+        c = generate(model, idx, 45, temperature=0, fixed_shape=True, cuda_graph=False)
     assert torch.equal(a, b) and torch.equal(c, b)
 
 
@@ -208,11 +211,11 @@ def test_features_and_muon_train_and_resume_bit_exact(data_root, tmp_path):
 def test_config_errors_name_the_key(over, match):
     cfg = TrainConfig(**over)
     with pytest.raises(ConfigError, match=match):
-        validate_train(cfg)
+        (cfg).validate()
 
 
 def test_bench_checks_muon_lr():
-    from nanogpt.config import BenchConfig
+    from nanogpt.bench import BenchConfig
     with pytest.raises(ConfigError, match="muon_lr must be > 0"):
         BenchConfig(optimizer="muon", muon_lr=0.0).validate()
 
@@ -287,7 +290,7 @@ def test_resume_takes_hyper_parameters_from_the_command_line(data_root, tmp_path
     muon_momentum on resume applies (load_state_dict alone would bring back the saved ones)."""
     from nanogpt import train as train_mod
     seen = {}
-    real = train_mod.build_optimizer
+    real = train_mod.build
 
     def spy(*a, **k):
         opt = real(*a, **k)
@@ -296,7 +299,7 @@ def test_resume_takes_hyper_parameters_from_the_command_line(data_root, tmp_path
     common = ["--optimizer=muon", "--log_interval=1", "--eval_interval=4", "--lr_decay_iters=8", "--warmup_iters=1"]
     train(tiny(data_root, tmp_path, *common, "--max_iters=4"))
     import unittest.mock
-    with unittest.mock.patch.object(train_mod, "build_optimizer", spy):
+    with unittest.mock.patch.object(train_mod, "build", spy):
         train(tiny(data_root, tmp_path, *common, "--max_iters=5", "--init_from=resume", "--weight_decay=0.03",
                    "--muon_lr=0.05", "--muon_momentum=0.8"))
     groups = seen["opt"].param_groups

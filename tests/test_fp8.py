@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from nanogpt import fp8
-from nanogpt.config import ConfigError
+from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.train import train
+from helpers import train
 from test_train import tiny
 
 

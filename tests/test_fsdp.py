@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from nanogpt import checkpoint, fsdp
-from nanogpt.config import ConfigError, TrainConfig, validate_train
+from nanogpt.errors import ConfigError
+from nanogpt.train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "tests", "fsdp_run.py")
@@ -108,8 +109,8 @@ def assert_weights_close(path_a, path_b):
 
 
 def assert_optimizer_close(path_a, path_b):
-    a = torch.load(checkpoint.optimizer_path(str(path_a)), weights_only=True)["optimizer"]
-    b = torch.load(checkpoint.optimizer_path(str(path_b)), weights_only=True)["optimizer"]
+    a = checkpoint.load_train_state(str(path_a), checkpoint.load(str(path_a)))["optimizer"]
+    b = checkpoint.load_train_state(str(path_b), checkpoint.load(str(path_b)))["optimizer"]
     assert [g["params"] for g in a["param_groups"]] == [g["params"] for g in b["param_groups"]]
     assert sorted(a["state"]) == sorted(b["state"])
     for i, st in a["state"].items():
@@ -139,7 +140,7 @@ def test_sharded_optimizer_steps_like_an_unsharded_one(two_processes, name):
 @needs_fsdp
 @pytest.mark.parametrize("optimizer", ["adamw", "striped_adamw"])
 def test_fsdp_training_equals_one_process(two_processes, one_process, optimizer):
-    """Same losses, and a ckpt.pt / ckpt.optim.pt pair in one process's format with the same
+    """Same losses, and a ckpt.pt and its optimizer file in one process's format with the same
     values (gradient accumulation skips the reduce-scatter on the first micro-step of each)."""
     tmp, stdout = two_processes
     assert "fsdp: 2 blocks and the root sharded over 2 processes" in stdout
@@ -190,14 +191,14 @@ def test_one_process_resumes_an_fsdp_checkpoint(two_processes, one_process, data
 
 
 def test_parallelism_is_checked():
-    validate_train(TrainConfig(parallelism="fsdp"), 2)
+    TrainConfig(parallelism="fsdp").validate(world_size=2)
     with pytest.raises(ConfigError, match="parallelism must be one of"):
-        validate_train(TrainConfig(parallelism="zero3"))
+        (TrainConfig(parallelism="zero3")).validate()
     with pytest.raises(ConfigError, match="optimizer_in_backward"):
-        validate_train(TrainConfig(parallelism="fsdp", optimizer_in_backward=True, gradient_accumulation_steps=1,
-                                   grad_clip=0.0))
+        (TrainConfig(parallelism="fsdp", optimizer_in_backward=True, gradient_accumulation_steps=1,
+                                   grad_clip=0.0)).validate()
     with pytest.raises(ConfigError, match="eval_tasks"):
-        validate_train(TrainConfig(parallelism="fsdp", eval_tasks="ppl=x.txt", gradient_accumulation_steps=2), 2)
+        TrainConfig(parallelism="fsdp", eval_tasks="ppl=x.txt", gradient_accumulation_steps=2).validate(world_size=2)
 
 
 # ---------------------------------------------------------------------------------------------

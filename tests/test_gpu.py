@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nanogpt.generate import generate
 from nanogpt.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -12,8 +13,8 @@ def test_kv_cache_greedy_equals_uncached_on_cuda():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64)).cuda().eval()
     idx = torch.randint(0, 256, (4, 10), device="cuda")
-    a = model.generate(idx, 80, temperature=0, use_cache=True)
-    b = model.generate(idx, 80, temperature=0, use_cache=False)
+    a = generate(model, idx, 80, temperature=0, use_cache=True)
+    b = generate(model, idx, 80, temperature=0, use_cache=False)
     assert torch.equal(a, b)
 
 
@@ -26,13 +27,13 @@ def test_cuda_graph_decode_equals_eager_cache_and_uncached(batch, features):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64, **features)).cuda().eval()
     idx = torch.randint(0, 256, (batch, 10), device="cuda")
-    graph = model.generate(idx, 100, temperature=0)  # past block_size: the window slides, the graph is reused
-    eager = model.generate(idx, 100, temperature=0, cuda_graph=False)
-    plain = model.generate(idx, 100, temperature=0, use_cache=False)
+    graph = generate(model, idx, 100, temperature=0)  # past block_size: the window slides, the graph is reused
+    eager = generate(model, idx, 100, temperature=0, cuda_graph=False)
+    plain = generate(model, idx, 100, temperature=0, use_cache=False)
     assert torch.equal(graph, eager) and torch.equal(graph, plain)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        g16 = model.generate(idx, 40, temperature=0)
-        e16 = model._generate(idx, 40, 0, None, None, True, None, None, static=True, graph=False)
+        g16 = generate(model, idx, 40, temperature=0)
+        e16 = generate(model, idx, 40, temperature=0, fixed_shape=True, cuda_graph=False)
     assert torch.equal(g16, e16)  # the same fixed-shape step, replayed or run eagerly
 
 
@@ -121,7 +122,7 @@ def test_cuda_graph_sampling_with_bfloat16_weights():
     junk = torch.full((4, 1 << 20), float("nan"), device="cuda")  # leave nan in the allocator's cache
     del junk
     model = GPT(GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=64)).cuda().eval().to(torch.bfloat16)
-    out = model.generate(torch.zeros(2, 1, dtype=torch.long, device="cuda"), 100, temperature=1.0)
+    out = generate(model, torch.zeros(2, 1, dtype=torch.long, device="cuda"), 100, temperature=1.0)
     torch.cuda.synchronize()
     assert out.shape == (2, 101) and int(out.max()) < 512
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nanogpt.model import GPT, GPTConfig, KVCache, sample_next
+from nanogpt.generate import KVCache, generate, sample_next
+from nanogpt.model import GPT, GPTConfig
 
 
 def small_config(**kw):
@@ -43,7 +44,7 @@ def test_greedy_continuation_matches_hugging_face(hf_folder):
     ours = GPT.from_pretrained(str(folder)).eval()
     idx = torch.randint(0, 211, (1, 5), generator=torch.Generator().manual_seed(2))
     ref = hf.generate(idx, max_new_tokens=20, do_sample=False, pad_token_id=0)
-    got = ours.generate(idx, 20, temperature=0)
+    got = generate(ours, idx, 20, temperature=0)
     assert got.tolist() == ref.tolist()
 
 
@@ -60,8 +61,8 @@ def test_kv_cache_greedy_equals_uncached(prompt_len, new):
     torch.manual_seed(0)
     model = GPT(small_config()).eval()
     idx = torch.randint(0, 97, (2, prompt_len))
-    a = model.generate(idx, new, temperature=0, use_cache=True)
-    b = model.generate(idx, new, temperature=0, use_cache=False)
+    a = generate(model, idx, new, temperature=0, use_cache=True)
+    b = generate(model, idx, new, temperature=0, use_cache=False)
     assert a.shape == (2, prompt_len + new)
     assert torch.equal(a, b)
 
@@ -74,8 +75,8 @@ def test_fixed_shape_decode_step_equals_uncached(prompt_len, new):
     model = GPT(small_config()).eval()
     idx = torch.randint(0, 97, (2, prompt_len))
     with torch.no_grad():
-        a = model._generate(idx, new, 0, None, None, True, None, None, static=True, graph=False)
-    b = model.generate(idx, new, temperature=0, use_cache=False)
+        a = generate(model, idx, new, temperature=0, fixed_shape=True, cuda_graph=False)
+    b = generate(model, idx, new, temperature=0, use_cache=False)
     assert torch.equal(a, b)
 
 
@@ -98,8 +99,8 @@ def test_sampled_generation_same_with_and_without_cache():
     model = GPT(small_config()).eval()
     idx = torch.randint(0, 97, (1, 4))
     kw = dict(temperature=0.9, top_k=20, top_p=0.9)
-    a = model.generate(idx, 30, use_cache=True, generator=torch.Generator().manual_seed(5), **kw)
-    b = model.generate(idx, 30, use_cache=False, generator=torch.Generator().manual_seed(5), **kw)
+    a = generate(model, idx, 30, use_cache=True, generator=torch.Generator().manual_seed(5), **kw)
+    b = generate(model, idx, 30, use_cache=False, generator=torch.Generator().manual_seed(5), **kw)
     assert torch.equal(a, b)
 
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nanogpt.config import ConfigError, TrainConfig, validate_train
+from nanogpt.errors import ConfigError
+from nanogpt.train import TrainConfig
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import OptimizerInBackward, StripedAdamW, build_optimizer, stochastic_round_bf16
 
@@ -205,13 +206,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
 ])
 def test_config_refuses_unsupported_combinations(kw, match):
     with pytest.raises(ConfigError, match=match):
-        validate_train(TrainConfig(**kw))
+        (TrainConfig(**kw)).validate()
 
 
 # ------------------------------------------------------------------------------------------
 # in the training loop
 
-from nanogpt.train import train  # noqa: E402
+from helpers import train  # noqa: E402
 
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=4", "--warmup_iters=5", "--dataset=shakespeare_char"]

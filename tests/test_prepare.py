@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 from nanogpt import prepare
-from nanogpt.prepare import PrepareError, fetch, load_meta, prepare_corpus, prepare_shakespeare_char, sha256_of
+from nanogpt.data import load_meta
+from nanogpt.download import fetch, sha256_of
+from nanogpt.errors import DataError, PrepareError
+from nanogpt.prepare import prepare_corpus, prepare_shakespeare_char
 from nanogpt.tokenizer import CharTokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,11 +327,11 @@ def test_legacy_meta_pkl_is_read_without_unpickling_objects(tmp_path):
 
     for bad in (OrderedDict(plain), {"x": Evil()}):
         (tmp_path / "meta.pkl").write_bytes(pickle.dumps(bad))
-        with pytest.raises(PrepareError, match="refusing to unpickle"):
+        with pytest.raises(DataError, match="refusing to unpickle"):
             load_meta(str(tmp_path))
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps(plain)[:20])
-    with pytest.raises(PrepareError, match="cannot be read"):
+    with pytest.raises(DataError, match="cannot be read"):
         load_meta(str(tmp_path))
     assert load_meta(str(tmp_path / "nothing")) is None
 
@@ -338,7 +341,7 @@ def test_meta_json_preferred_and_normalised(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 2, "itos": {"0": "x", "1": "y"}, "stoi": {"x": 0, "y": 1}}))
     assert load_meta(str(tmp_path)) == {"vocab_size": 2, "itos": {0: "x", 1: "y"}, "stoi": {"x": 0, "y": 1}, "dtype": "uint16"}
     (tmp_path / "meta.json").write_text("{not json")
-    with pytest.raises(PrepareError, match="not valid JSON"):
+    with pytest.raises(DataError, match="not valid JSON"):
         load_meta(str(tmp_path))
 
 
@@ -374,14 +377,14 @@ def run(args, **env):
 
 
 def test_prepare_scripts_as_users_run_them(tmp_path, data_mirror):
-    r = run(["data/shakespeare_char/prepare.py", "--out_dir", str(tmp_path / "c")], NANOGPT_DATA_MIRROR=str(data_mirror))
+    r = run(["data/shakespeare_char/prepare.py", "--out_dir=%s" % (tmp_path / "c")], NANOGPT_DATA_MIRROR=str(data_mirror))
     assert r.returncode == 0, r.stderr
     assert "train 1,003,854 tokens, val 111,540 tokens" in r.stdout
     assert load_meta(str(tmp_path / "c"))["vocab_size"] == 65
 
     make_corpus(tmp_path / "src")
-    r = run(["data/openwebtext/prepare.py", "--source", str(tmp_path / "src"), "--out_dir", str(tmp_path / "o"),
-             "--num_proc", "2", "--val_fraction", "0.1"], TIKTOKEN_CACHE_DIR=str(data_mirror / "tiktoken-cache"))
+    r = run(["data/openwebtext/prepare.py", "--source=%s" % (tmp_path / "src"), "--out_dir=%s" % (tmp_path / "o"),
+             "--num_proc=2", "--val_fraction=0.1"], TIKTOKEN_CACHE_DIR=str(data_mirror / "tiktoken-cache"))
     assert r.returncode == 0, r.stderr
     assert load_meta(str(tmp_path / "o"))["documents"] == {"train": 14, "val": 2}
 
@@ -392,9 +395,9 @@ def test_prepare_scripts_as_users_run_them(tmp_path, data_mirror):
 
 def test_cli_in_process(tmp_path, enc, capsys):
     (tmp_path / "t.txt").write_text("some text\nmore\n")
-    prepare.main(["corpus", "--source", str(tmp_path / "t.txt"), "--out_dir", str(tmp_path / "o"), "--num_proc", "1"])
+    prepare.main(["corpus", "--source=%s" % (tmp_path / "t.txt"), "--out_dir=%s" % (tmp_path / "o"), "--num_proc=1"])
     assert load_meta(str(tmp_path / "o"))["tokenizer"] == "gpt2"
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        prepare.main(["shakespeare", "--source", "x", "--out_dir", str(tmp_path / "s")])
+        prepare.main(["shakespeare", "--source=x", "--out_dir=%s" % (tmp_path / "s")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --source is for openwebtext and corpus")

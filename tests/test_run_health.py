@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from nanogpt import checkpoint, metrics
-from nanogpt.config import ConfigError, UserError
-from nanogpt.train import layer_of, train
+from nanogpt.errors import ConfigError, UserError
+from helpers import train
+from nanogpt.metrics import layer_of
 
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2", "--warmup_iters=2",
@@ -49,8 +50,12 @@ def test_metrics_jsonl_survives_resume_without_duplicates(data_root, tmp_path):
 def test_keep_last_k_prunes_oldest(data_root, tmp_path):
     train(tiny(data_root, tmp_path, "--max_iters=8", "--eval_interval=2", "--keep_last_k=2"))
     names = sorted(os.listdir(tmp_path))
-    assert [n for n in names if n.startswith("ckpt_")] == ["ckpt_6.optim.pt", "ckpt_6.pt", "ckpt_8.optim.pt", "ckpt_8.pt"]
-    assert checkpoint.load(str(tmp_path / "ckpt_6.pt"))["iter_num"] == 6
+    assert [n for n in names if n.startswith("ckpt_")] == ["ckpt_6.pt", "ckpt_8.pt"]
+    six = checkpoint.load(str(tmp_path / "ckpt_6.pt"))
+    assert six["iter_num"] == 6
+    # the optimizer files of the kept checkpoints, and no other
+    assert sorted(n for n in names if ".optim." in n) == sorted({six["optim_file"], checkpoint.load(str(tmp_path / "ckpt.pt"))["optim_file"]})
+    assert checkpoint.load_train_state(str(tmp_path / "ckpt_6.pt"), six)["iter_num"] == 6
     last = checkpoint.load(str(tmp_path / "ckpt.pt"))
     assert last["iter_num"] == 8
     for k, v in checkpoint.load(str(tmp_path / "ckpt_8.pt"))["model"].items():
@@ -63,22 +68,25 @@ def test_resume_needs_the_matching_optimizer_file(data_root, tmp_path):
     # sampling/export read ckpt.pt alone
     model, _ = checkpoint.load_model(str(tmp_path / "a" / "ckpt.pt"))
     assert model.config.n_layer == 2
-    shutil.copyfile(tmp_path / "b" / "ckpt.optim.pt", tmp_path / "a" / "ckpt.optim.pt")
+    mine = checkpoint.load(str(tmp_path / "a" / "ckpt.pt"))["optim_file"]
+    other = checkpoint.load(str(tmp_path / "b" / "ckpt.pt"))["optim_file"]
+    shutil.copyfile(tmp_path / "b" / other, tmp_path / "a" / mine)
     with pytest.raises(checkpoint.CheckpointError, match="another save"):
         train(tiny(data_root, tmp_path / "a", "--max_iters=6", "--init_from=resume"))
-    os.remove(tmp_path / "a" / "ckpt.optim.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="ckpt.optim.pt is missing"):
+    os.remove(tmp_path / "a" / mine)
+    with pytest.raises(checkpoint.CheckpointError, match="%s is missing" % mine):
         train(tiny(data_root, tmp_path / "a", "--max_iters=6", "--init_from=resume"))
 
 
 def test_format_1_checkpoint_with_inline_optimizer_still_resumes(data_root, tmp_path):
     train(tiny(data_root, tmp_path, "--max_iters=2", "--eval_interval=2"))
     w = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    o = torch.load(tmp_path / "ckpt.optim.pt", weights_only=True)
+    o = torch.load(tmp_path / w["optim_file"], weights_only=True)
     old = dict(w, format=1, optimizer=o["optimizer"], rng=o["rng"])
-    old.pop("save_id")
+    for k in ("save_id", "optim_file", "rewinds", "lr_scale"):
+        old.pop(k)
     checkpoint.save(old, str(tmp_path / "ckpt.pt"))
-    os.remove(tmp_path / "ckpt.optim.pt")
+    os.remove(tmp_path / w["optim_file"])
     s = train(tiny(data_root, tmp_path, "--max_iters=4", "--init_from=resume"))
     assert s["final_iter"] == 4
 
@@ -163,13 +171,13 @@ def test_batch_size_ramp_grows_tokens_and_resumes_exactly(data_root, tmp_path, c
 
 
 def test_health_keys_are_checked():
-    from nanogpt.config import TrainConfig, validate_train
+    from nanogpt.train import TrainConfig
     for k, v in (("keep_last_k", -1), ("loss_spike_factor", 0.5), ("batch_size_ramp_tokens", -5)):
         with pytest.raises(ConfigError, match=k):
-            validate_train(TrainConfig(**{k: v}))
+            (TrainConfig(**{k: v})).validate()
     with pytest.raises(ConfigError, match="batch_size_ramp_tokens"):
-        validate_train(TrainConfig(batch_size_ramp_tokens=100, optimizer_in_backward=True, gradient_accumulation_steps=1,
-                                   grad_clip=0.0))
+        (TrainConfig(batch_size_ramp_tokens=100, optimizer_in_backward=True, gradient_accumulation_steps=1,
+                                   grad_clip=0.0)).validate()
 
 
 def test_tensorboard_without_the_package_is_one_clear_error(data_root, tmp_path, monkeypatch):

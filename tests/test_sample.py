@@ -48,7 +48,7 @@ def test_sample_greedy_matches_hugging_face(tmp_path, gpt2_bpe_env, monkeypatch)
 def test_a_dataset_folder_without_meta_is_skipped(data_root, tmp_path):
     """A fresh clone's data/shakespeare_char holds input.txt only: the vocabulary must come from
     the training run's prepared folder, not fall back to GPT-2 BPE."""
-    from nanogpt.sample import tokenizer_for
+    from nanogpt.tokenizer import tokenizer_for
     (tmp_path / "shakespeare_char").mkdir()
     tok, vocab = tokenizer_for({"dataset": "shakespeare_char", "data_root": str(data_root)}, str(tmp_path))
     assert vocab == 65 and tok.decode(tok.encode("Hello")) == "Hello" and len(tok.encode("Hello")) == 5
@@ -58,8 +58,8 @@ def test_a_character_model_without_its_vocabulary_names_data_root(tmp_path, monk
     """No meta.json anywhere: a 65-entry model cannot fall back to GPT-2 BPE, and the error says
     so before any BPE file is looked for (offline, that lookup would fail with a network error)."""
     from nanogpt import tokenizer
-    from nanogpt.config import UserError
-    from nanogpt.sample import tokenizer_for
+    from nanogpt.errors import UserError
+    from nanogpt.tokenizer import tokenizer_for
 
     def no_bpe(*a, **k):
         raise AssertionError("GPT-2 BPE was looked for")

@@ -35,8 +35,8 @@ def test_time_to_loss_stamps_each_evaluation(data_root, tmp_path):
 
 def test_whole_split_loss_agrees_with_eval(data_root, tmp_path):
     """The script's windows are eval.py's with stride = window: the same loss."""
-    from nanogpt import evaluate
-    from nanogpt.train import train
+    from helpers import evaluate as run_eval
+    from helpers import train
     out = tmp_path / "out"
     train(["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
            "--gradient_accumulation_steps=1", "--eval_iters=1", "--eval_interval=3", "--max_iters=3", "--lr_decay_iters=3",
@@ -46,7 +46,7 @@ def test_whole_split_loss_agrees_with_eval(data_root, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     loss, scored = r.stdout.split()[0], int(r.stdout.split("(")[1].split()[0])
-    want = evaluate.evaluate(["--out_dir=%s" % out, "--data_root=%s" % data_root, "--device=cpu"])["perplexity"]
+    want = run_eval(["--out_dir=%s" % out, "--data_root=%s" % data_root, "--device=cpu"])["perplexity"]
     assert float(loss) == pytest.approx(want["loss"], abs=1e-4) and scored == want["tokens"]
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from nanogpt import checkpoint
-from nanogpt.config import ConfigError
+from nanogpt.errors import ConfigError
 from nanogpt.runtime import resolve_dtype
-from nanogpt.train import get_lr, train
-from nanogpt.config import TrainConfig
+from helpers import train
+from nanogpt.optim import get_lr as lr_at
+from nanogpt.train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -66,7 +67,9 @@ def test_checkpoint_contents(data_root, tmp_path, monkeypatch):
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert ckpt["iter_num"] == 4 and ckpt["config"]["n_layer"] == 2 and ckpt["model_args"]["vocab_size"] == 65
     assert "optimizer" not in ckpt and "rng" not in ckpt  # weights only: what sampling and export read
-    opt = torch.load(tmp_path / "ckpt.optim.pt", weights_only=True)
+    assert ckpt["optim_file"] == "ckpt.optim.%s.pt" % ckpt["save_id"]  # the optimizer file this save committed
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.optim.%s.pt" % ckpt["save_id"], "ckpt.pt", "metrics.jsonl"]
+    opt = torch.load(tmp_path / ckpt["optim_file"], weights_only=True)
     assert {"python", "numpy", "torch", "loader"} <= set(opt["rng"])
     assert "state" in opt["optimizer"] and opt["save_id"] == ckpt["save_id"] and opt["iter_num"] == 4
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
@@ -123,6 +126,8 @@ def test_finetune_from_local_hugging_face_folder(data_root, tmp_path):
 
 
 def test_lr_schedule():
+    def get_lr(it, cfg):
+        return lr_at(it, cfg.schedule, cfg.learning_rate)
     c = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
     assert get_lr(0, c) < get_lr(5, c) < get_lr(9, c) <= 1.0
     assert get_lr(10, c) == pytest.approx(1.0)

@@ -1,20 +1,55 @@
 """Benchmark training steps: ``python bench.py [--key=value ...]``.
 
-Prints ms/iter, tokens/s, MFU and peak memory for the model shape given (GPT-2 124M by
-default), on real data when the dataset is prepared, else random tokens.
+Times :func:`nanogpt.trainer.train_step`, the step train.py runs (micro-steps, clipping, the
+optimizer step), and prints ms/iter, tokens/s, MFU and peak memory for the model shape given
+(GPT-2 124M by default), on real data when the dataset is prepared, else random tokens.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from . import fp8, runtime
-from .config import BenchConfig, load_config, run_cli
+from .config import Config, Section, setting
+from .data import BatchLoader, DataConfig, load_meta
+from .errors import ConfigError, run_command
 from .model import GPT, GPTConfig
-from .optim import build_optimizer, optimizer_state_bytes
+from .optim import OptimConfig, build, optimizer_state_bytes
+from .parallel import Single
+from .dist import DistInfo
+from .runtime import RuntimeConfig, SpeedConfig
+from .trainer import train_step
+
+
+@dataclass
+class BenchSettings(Section):
+    """How bench.py times the step."""
+
+    real_data: bool = setting(True, "Read batches from data_root/dataset when it exists; otherwise random tokens.")
+    warmup_steps: int = setting(10, "Untimed steps first (compilation, allocator warm-up).", ge=0)
+    steps: int = setting(20, "Timed steps.", gt=0)
+    profile: bool = setting(False, "Write a torch.profiler trace (Chrome/TensorBoard format) to profile_dir.")
+    profile_dir: str = setting("bench_log", "Where the profiler trace goes.", path="out")
+    measure_peak: bool = setting(False, "Also time a large matrix product in the chosen dtype and report MFU against it.")
+    json_out: str = setting("", "Also write the results as JSON to this file.")
+
+
+class BenchConfig(Config):
+    """Every key of bench.py: the model, optimizer, data and runtime sections of train.py."""
+
+    sections = (("bench", BenchSettings), ("data", DataConfig), ("model", GPTConfig), ("optim", OptimConfig),
+                ("speed", SpeedConfig), ("runtime", RuntimeConfig))
+    defaults = {"bias": False, "gradient_accumulation_steps": 1}
+
+    def check(self) -> None:
+        if self.optimizer_in_backward and self.gradient_accumulation_steps != 1:
+            raise ConfigError("optimizer_in_backward=True needs gradient_accumulation_steps=1")
 
 
 def measure_matmul_peak(device: str, dtype: str, n: int = 8192, reps: int = 20) -> float:
@@ -32,105 +67,97 @@ def measure_matmul_peak(device: str, dtype: str, n: int = 8192, reps: int = 20) 
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_cli(bench, argv)
-
-
-def bench(argv: list[str]) -> dict:
-    cfg, _ = load_config(BenchConfig, argv)
-    cfg.validate()
-    device, device_type, dtype = runtime.setup(cfg.device, cfg.dtype, cfg.seed)
-
+def batches(cfg: BenchConfig, device: str):
+    """(next_batch, loader or None, a description): the dataset's batches, or random tokens."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
-    loader = None
     if cfg.real_data and os.path.isfile(os.path.join(data_dir, "train.bin")):
-        from .data import BatchLoader
-        from .prepare import load_meta
         meta = load_meta(data_dir) or {}
         loader = BatchLoader(data_dir, "train", cfg.batch_size, cfg.block_size, device, cfg.seed,
-                             meta.get("dtype", "uint16"), cfg.vocab_size, cfg.dataset, prefetch=cfg.prefetch)
-        get_batch = loader.next
-        source = "data from %s" % data_dir
-    else:
-        gen = torch.Generator().manual_seed(cfg.seed)
+                             meta.get("dtype", "uint16"), cfg.vocab_size, cfg.dataset, prefetch=cfg.prefetch, meta=meta)
+        return loader.next, loader, "data from %s" % data_dir
+    gen = torch.Generator().manual_seed(cfg.seed)
 
-        def get_batch():
-            t = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=gen)
-            return t[:, :-1].contiguous().to(device), t[:, 1:].contiguous().to(device)
-        source = "random tokens"
+    def random_batch():
+        t = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=gen)
+        return t[:, :-1].contiguous().to(device), t[:, 1:].contiguous().to(device)
+    return random_batch, None, "random tokens"
 
-    gconf = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, rope=cfg.rope,
-                      qk_norm=cfg.qk_norm, mlp_activation=cfg.mlp_activation, untied_head=cfg.untied_head)
-    with torch.device(device):  # initialise in place: a 1.5B model builds in seconds on a GPU
-        model = GPT(gconf)
+
+def bench(cfg: BenchConfig) -> dict:
+    """Time ``steps`` training steps after ``warmup_steps``; prints and returns the figures."""
+    cfg.validate()
+    rt = runtime.setup(cfg.runtime)
+    next_batch, loader, source = batches(cfg, rt.device)
+    with torch.device(rt.device):  # initialise in place: a 1.5B model builds in seconds on a GPU
+        model = GPT(cfg.model)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.loss_chunk = cfg.loss_chunk
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (0.9, 0.95), device_type,
-                                state_dtype=cfg.optimizer_state_dtype, in_backward=cfg.optimizer_in_backward, seed=cfg.seed,
-                                muon_lr=cfg.muon_lr)
-    flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    optimizer = build(model, cfg.optim, rt.device_type, seed=cfg.seed)
+    params = list(model.parameters())
+    accum = cfg.gradient_accumulation_steps
+    flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * accum
     if cfg.fp8:
-        fp8.apply(model, device_type, device)
-    model = runtime.compile_model(model, cfg.compile, device_type, mode=cfg.compile_mode)
-    ctx = runtime.autocast(device_type, dtype, cache=not cfg.activation_checkpointing)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+        fp8.apply(model, rt.device_type, rt.device)
+    rt.threads.settle()
+    compiled = runtime.compile_model(model, cfg.compile, rt.device_type, mode=cfg.compile_mode)
+    ctx = rt.autocast(cache=not cfg.activation_checkpointing)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == "float16"))
+    strategy = Single(DistInfo(), rt.device)
+    strategy.shard(model, rt.dtype)
+    strategy.wrap(compiled)
     print("bench: %.1fM parameters, batch %dx%d, %s, %s, %s, compile=%s%s%s%s"
-          % (sum(p.numel() for p in model.parameters()) / 1e6, cfg.batch_size, cfg.block_size, device, dtype,
+          % (sum(p.numel() for p in model.parameters()) / 1e6, cfg.batch_size, cfg.block_size, rt.device, rt.dtype,
              source, cfg.compile, " (%s)" % cfg.compile_mode if cfg.compile and cfg.compile_mode != "default" else "",
-             ", fp8" if cfg.fp8 else "", ", loss_chunk=%d" % cfg.loss_chunk if cfg.loss_chunk else ""))
+             ", fp8" if cfg.fp8 else "", ", loss_chunk=%d" % cfg.loss_chunk if cfg.loss_chunk else ""), flush=True)
 
     def step():
-        for _ in range(cfg.gradient_accumulation_steps):
-            X, Y = get_batch()
-            with ctx:
-                _, loss = model(X, Y)
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return train_step(compiled, next_batch, optimizer, scaler, strategy, accum, ctx, cfg.grad_clip, params,
+                          measure_norm=False)
 
-    t0 = time.time()
-    for _ in range(cfg.warmup_steps):
-        loss = step()
-    runtime.synchronize(device_type)
+    t0 = shown = time.time()
+    for i in range(cfg.warmup_steps):
+        step()
+        if i == 0 or time.time() - shown > 10:  # the first steps compile: say where it is
+            shown = time.time()
+            print("warm-up step %d of %d (%.1f s)" % (i + 1, cfg.warmup_steps, shown - t0), file=sys.stderr, flush=True)
+    rt.synchronize()
     warmup_s = time.time() - t0
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    rt.reset_peak_memory()
 
     prof = None
     if cfg.profile:
         from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device_type == "cuda" else [])
         prof = profile(activities=acts, on_trace_ready=tensorboard_trace_handler(cfg.profile_dir), record_shapes=False)
         prof.start()
     t0 = time.time()
     for _ in range(cfg.steps):
-        loss = step()
+        result = step()
         if prof:
             prof.step()
-    lossf = loss.item()
-    runtime.synchronize(device_type)
+    lossf = result.loss.item()
+    rt.synchronize()
     dt = (time.time() - t0) / cfg.steps
     if loader is not None:
         loader.close()
     if prof:
         prof.stop()
         print("profiler trace written to %s" % cfg.profile_dir)
+    return report(cfg, rt, dt, lossf, warmup_s, flops_per_iter, optimizer_state_bytes(optimizer))
 
+
+def report(cfg: BenchConfig, rt, dt: float, lossf: float, warmup_s: float, flops_per_iter: float, state_bytes: int) -> dict:
     tokens = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     result = {"ms_per_iter": dt * 1000, "tokens_per_s": tokens / dt, "warmup_s": warmup_s, "loss": lossf,
-              "peak_memory_gib": runtime.max_memory_allocated(device_type) / 2**30,
-              "optimizer_state_gib": optimizer_state_bytes(optimizer) / 2**30}
+              "peak_memory_gib": rt.max_memory() / 2**30, "optimizer_state_gib": state_bytes / 2**30}
     line = "%.2f ms/iter, %s tokens/s, loss %.4f, warm-up %.1f s" % (
         result["ms_per_iter"], f"{result['tokens_per_s']:,.0f}", lossf, warmup_s)
-    peak = runtime.peak_flops(device, dtype, cfg.peak_flops)
+    peak = runtime.peak_flops(rt.device, rt.dtype, cfg.peak_flops)
     if peak:
         result["mfu"] = flops_per_iter / dt / peak
         line += ", MFU %.1f%% of %.0f TFLOP/s" % (100 * result["mfu"], peak / 1e12)
-    if cfg.measure_peak and device_type != "cpu":
-        measured = measure_matmul_peak(device, dtype)
+    if cfg.measure_peak and rt.device_type != "cpu":
+        measured = measure_matmul_peak(rt.device, rt.dtype)
         result["measured_peak"] = measured
         result["mfu_measured"] = flops_per_iter / dt / measured
         line += ", MFU %.1f%% of the measured matmul peak %.0f TFLOP/s" % (100 * result["mfu_measured"], measured / 1e12)
@@ -139,10 +166,13 @@ def bench(argv: list[str]) -> dict:
         line += ", peak memory %.2f GiB" % result["peak_memory_gib"]
     print(line)
     if cfg.json_out:
-        import json
         with open(cfg.json_out, "w") as f:
-            json.dump({**result, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}, f)
+            json.dump({**result, "config": cfg.to_dict()}, f)
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(lambda args: bench(BenchConfig.parse(args)), argv)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,49 @@
-"""Batches of random windows from a token file (train.bin / val.bin), seeded and resumable."""
+"""Datasets on disk and batches from them.
+
+A dataset is a folder ``<data_root>/<dataset>/`` holding ``train.bin`` and ``val.bin`` (token ids
+as raw unsigned integers, uint16 when every id fits, else uint32) and ``meta.json``
+(``vocab_size``, ``dtype``, ``tokenizer``, token counts, the largest id, and for character data
+the ``stoi`` / ``itos`` tables). Old nanoGPT folders with ``meta.pkl`` still load, read without
+unpickling anything but plain values. Everything read is checked when it is opened.
+
+Batches are random windows of ``block_size + 1`` tokens, drawn by a seeded generator whose state
+goes into checkpoints, so a resumed run reads the batches an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import pickle
 import queue
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import UserError
+from .config import Section, setting
+from .errors import ConfigError, DataError
+
+DTYPES = ("uint16", "uint32")
 
 
-class DataError(UserError):
-    pass
+@dataclass
+class DataConfig(Section):
+    """Where the training tokens come from and how many go into a step."""
+
+    dataset: str = setting("openwebtext", "Dataset folder name under data_root, holding train.bin, val.bin and meta.json.")
+    data_root: str = setting("data", "Folder that holds the dataset folders.")
+    batch_size: int = setting(12, "Sequences per micro-step per process.", gt=0)
+    gradient_accumulation_steps: int = setting(40, "Micro-steps per optimizer step, summed over all processes (divided by the world size under DDP).",
+                                               gt=0)
+    prefetch: int = setting(2, "Training batches a background thread reads ahead while the device works (0 reads each in the loop); the batches and a resume are the same either way.",
+                            ge=0)
+
+    def check(self) -> None:
+        if not self.dataset or os.sep in self.dataset or "/" in self.dataset:
+            raise ConfigError("dataset must be a folder name under data_root, such as 'shakespeare_char'; got %r" % self.dataset)
 
 
 def dataset_dir(data_root: str, dataset: str) -> str:
@@ -24,6 +54,138 @@ def prepare_hint(dataset: str) -> str:
     if os.path.isfile(os.path.join("data", dataset, "prepare.py")):
         return "run `python data/%s/prepare.py` first" % dataset
     return "prepare it first, e.g. `nanogpt prepare corpus --source=YOUR_TEXT --out_dir=data/%s`" % dataset
+
+
+# --------------------------------------------------------------------------------------------
+# meta.json
+
+
+def write_meta(out_dir: str, meta: dict) -> None:
+    """Write ``meta.json`` through a temporary file and a rename."""
+    tmp = os.path.join(out_dir, "meta.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out_dir, "meta.json"))
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """nanoGPT's meta.pkl holds only dicts, strings and ints, which unpickle without looking up
+    any class or function; every such lookup is refused, so nothing can be imported or run."""
+
+    def find_class(self, module, name):
+        raise DataError("meta.pkl asks for %s.%s: refusing to unpickle anything but plain dicts, lists, "
+                        "strings and numbers; re-create it, or write a meta.json" % (module, name))
+
+
+def _read_meta_file(data_dir: str) -> tuple[object, str] | None:
+    path = os.path.join(data_dir, "meta.json")
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise DataError("%s is not a file; prepare the dataset again" % path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f), path
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError("%s is not valid JSON (%s); prepare the dataset again" % (path, e)) from None
+    path = os.path.join(data_dir, "meta.pkl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load(), path
+    except DataError:
+        raise
+    except Exception as e:  # truncated or foreign data: pickle raises many kinds
+        raise DataError("%s cannot be read (%s: %s); prepare the dataset again"
+                        % (path, type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")) from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def check_meta(meta, path: str) -> dict:
+    """Every field of a meta dict checked for its type and range; ``itos`` keys become ints and
+    ``dtype`` defaults to uint16. Returns the cleaned dict."""
+    if not isinstance(meta, dict):
+        raise DataError("%s holds a %s, not a dict; prepare the dataset again" % (path, type(meta).__name__))
+    meta = dict(meta)
+
+    def bad(key: str, want: str):
+        raise DataError("%s: %r must be %s, got %r; prepare the dataset again" % (path, key, want, meta[key]))
+
+    meta.setdefault("dtype", "uint16")
+    if meta["dtype"] not in DTYPES:
+        bad("dtype", "'uint16' or 'uint32'")
+    if "vocab_size" not in meta:
+        if not isinstance(meta.get("stoi"), dict):
+            raise DataError("%s has no vocab_size; prepare the dataset again" % path)
+        meta["vocab_size"] = len(meta["stoi"])
+    if not _is_int(meta["vocab_size"]) or meta["vocab_size"] <= 0:
+        bad("vocab_size", "a positive integer")
+    if meta["dtype"] == "uint16" and meta["vocab_size"] > 1 << 16:
+        bad("dtype", "uint32 for a vocabulary of %d ids" % meta["vocab_size"])
+    for key in ("train_tokens", "val_tokens", "max_token_id"):
+        if meta.get(key) is not None and (not _is_int(meta[key]) or meta[key] < 0):
+            bad(key, "a non-negative integer")
+    if meta.get("eot_token") is not None and (not _is_int(meta["eot_token"]) or not 0 <= meta["eot_token"] < meta["vocab_size"]):
+        bad("eot_token", "a token id below vocab_size")
+    if meta.get("tokenizer") is not None and not isinstance(meta["tokenizer"], str):
+        bad("tokenizer", "a string")
+    if ("stoi" in meta) != ("itos" in meta):
+        raise DataError("%s has %s without %s; prepare the dataset again" % (path, *(("stoi", "itos") if "stoi" in meta else ("itos", "stoi"))))
+    if "stoi" in meta:
+        meta["itos"] = _check_char_tables(meta, path)
+    return meta
+
+
+def _check_char_tables(meta: dict, path: str) -> dict:
+    stoi, itos = meta["stoi"], meta["itos"]
+    if not isinstance(stoi, dict) or not isinstance(itos, dict):
+        raise DataError("%s: stoi and itos must be dicts; prepare the dataset again" % path)
+    try:
+        itos = {int(k): v for k, v in itos.items()}
+    except (TypeError, ValueError):
+        raise DataError("%s: 'itos' keys must be integers" % path) from None
+    n = meta["vocab_size"]
+    for i, c in itos.items():
+        if not 0 <= i < n or not isinstance(c, str):
+            raise DataError("%s: itos entry %r: %r is not a character of an id below vocab_size %d; prepare the dataset again"
+                            % (path, i, c, n))
+    for c, i in stoi.items():
+        if not _is_int(i) or itos.get(int(i)) != c:
+            raise DataError("%s: stoi[%r] = %r does not match itos; prepare the dataset again" % (path, c, i))
+    return itos
+
+
+def load_meta(data_dir: str) -> dict | None:
+    """The checked meta dict of a dataset folder (``meta.json``, else a legacy nanoGPT
+    ``meta.pkl``); None when it has neither."""
+    found = _read_meta_file(data_dir)
+    return None if found is None else check_meta(*found)
+
+
+def token_count(path: str, dtype: str, meta: dict | None = None, split: str = "") -> int:
+    """How many tokens a token file holds; its size must be a whole number of tokens and agree
+    with the count meta.json gives for it."""
+    if os.path.isdir(path):
+        raise DataError("%s is a folder, not a token file; prepare the dataset again" % path)
+    size, item = os.path.getsize(path), np.dtype(dtype).itemsize
+    if size % item:
+        raise DataError("%s has %d bytes, not a whole number of %s tokens (%d bytes each): it was cut short or has another "
+                        "dtype; prepare the dataset again" % (path, size, dtype, item))
+    n = size // item
+    want = (meta or {}).get("%s_tokens" % split) if split else None
+    if want is not None and want != n:
+        raise DataError("%s holds %d tokens but meta.json says %d: the file changed or was cut short; prepare the dataset again"
+                        % (path, n, want))
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# batches
 
 
 class BatchLoader:
@@ -40,13 +202,13 @@ class BatchLoader:
 
     def __init__(self, data_dir: str, split: str, batch_size: int, block_size: int, device: str,
                  seed: int, dtype: str = "uint16", vocab_size: int | None = None, dataset: str = "",
-                 prefetch: int = 0):
+                 prefetch: int = 0, meta: dict | None = None):
         self.path = os.path.join(data_dir, "%s.bin" % split)
         name = dataset or os.path.basename(os.path.normpath(data_dir))
-        if not os.path.isfile(self.path):
+        if not os.path.exists(self.path):
             raise DataError("dataset %r has no %s (looked for %s); %s" % (name, os.path.basename(self.path), self.path, prepare_hint(name)))
         self.dtype = np.dtype(dtype)
-        n = os.path.getsize(self.path) // self.dtype.itemsize
+        n = token_count(self.path, dtype, meta, split)
         if n == 0:
             raise DataError("%s is empty; %s" % (self.path, prepare_hint(name)))
         if n < block_size + 1:

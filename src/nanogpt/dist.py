@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, UserError
+from .errors import ConfigError, PeerError
 
 
 @dataclass
@@ -38,6 +38,11 @@ class DistInfo:
 
 def under_torchrun() -> bool:
     return int(os.environ.get("RANK", "-1")) != -1 and "WORLD_SIZE" in os.environ
+
+
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun() else 1
 
 
 def init(device: str, backend: str = "auto", timeout_s: float = 600.0) -> tuple[DistInfo, str]:
@@ -87,6 +92,15 @@ def any_rank(flag: bool, info: DistInfo, device: str) -> bool:
     return bool(t.item())
 
 
+def any_ranks(flags: list[bool], info: DistInfo, device: str) -> list[bool]:
+    """Each flag true on every rank when it is true on any rank: one collective for all of them."""
+    if not info.enabled:
+        return list(flags)
+    t = torch.tensor([1 if f else 0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
 def earliest_over_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """For an integer ``x`` where -1 means "not yet": the smallest non-negative value over all
     ranks, or -1 when no rank has one (a copy; ``x`` is left as it was)."""
@@ -96,10 +110,6 @@ def earliest_over_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     y = torch.where(x < 0, torch.full_like(x, never), x)
     dist.all_reduce(y, op=dist.ReduceOp.MIN)
     return torch.where(y == never, torch.full_like(y, -1), y)
-
-
-class PeerError(UserError):
-    """A collective failed because another process of the run died, hung or dropped off the network."""
 
 
 # how a lost or silent peer reads in a failed collective (gloo raises plain RuntimeErrors)

@@ -6,9 +6,16 @@ from __future__ import annotations
 import re
 import sys
 
-from .config import BenchConfig, EvalConfig, ExportConfig, SampleConfig, TrainConfig, markdown_table
+from .bench import BenchConfig
+from .config import markdown_table
+from .evaluate import EvalConfig
+from .export import ExportConfig
+from .prepare import PrepareConfig
+from .sample import SampleConfig
+from .train import TrainConfig
 
-SECTIONS = {"train": TrainConfig, "sample": SampleConfig, "bench": BenchConfig, "eval": EvalConfig, "export": ExportConfig}
+SECTIONS = {"train": TrainConfig, "sample": SampleConfig, "bench": BenchConfig, "eval": EvalConfig, "export": ExportConfig,
+            "prepare": PrepareConfig}
 
 
 def render(text: str) -> str:

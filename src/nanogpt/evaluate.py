@@ -1,377 +1,86 @@
 """Evaluation: ``python eval.py --out_dir=out-shakespeare-char`` or ``--init_from=gpt2 --hellaswag=PATH``.
 
-Three measurements, each a full, deterministic pass (no sampling, same numbers every run):
-
-* **Perplexity** of a dataset split (``--dataset=NAME --split=val``, the token file that
-  ``nanogpt prepare`` wrote) or of a UTF-8 text file (``--text_file=PATH``). Windows of
-  ``block_size`` tokens advance by ``stride``; every token after the first is scored exactly
-  once, in the first window that holds it as a prediction target beyond what earlier windows
-  scored, so a stride below the window length gives tokens more context at more compute.
-  Reported: the token-weighted mean loss in nats, its exponential (perplexity), and bits per byte,
-  the summed loss / ln 2 / the UTF-8 bytes of the scored tokens. ``<|endoftext|>`` marks a
-  document boundary, not text, and counts zero bytes; the model still pays for predicting it.
-* **Zero-shot multiple choice in the HellaSwag format**: jsonl lines with ``ctx``, ``endings`` and
-  ``label``. Context and ``" " + ending`` are tokenised separately and joined; an input longer
-  than the window loses tokens from the left. ``acc`` picks the ending with the largest summed
-  log-probability of its tokens, ``acc_norm`` the largest mean per token (normalised by token
-  count, not by bytes as lm-evaluation-harness does). For orientation, GPT-2 124M on the 10,042
-  validation examples scores about acc 0.286 / acc_norm 0.296 this way; lm-evaluation-harness's
-  byte normalisation and its own text clean-up report acc_norm about 0.311.
-* **LAMBADA last-word accuracy**: jsonl lines ``{"text": ...}``. The target is the last word with
-  its leading space, the context everything before that space; an example counts as correct when
-  the greedy prediction at every target position is the target token. Also reported: the mean over
-  examples of the target's summed loss, and its exponential (the perplexity lm-evaluation-harness
-  reports for LAMBADA).
-
-Logits of padded vocabulary entries (ids the tokenizer never produces) are left out of every
-softmax. ``run_tasks`` runs the file-based tasks from a training loop (``eval_tasks``).
+Perplexity and bits per byte of a dataset split or a text file, zero-shot HellaSwag-format
+multiple choice and LAMBADA last-word accuracy of a checkpoint or GPT-2 weights; the definitions
+are in scoring.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from . import runtime
-from .config import ConfigError, EvalConfig, UserError, load_config, run_cli
-from .data import DataError, dataset_dir, prepare_hint
-
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
-LAMBADA_SHA256 = "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"  # 5,153 lines
-# task -> (address, sha256 or None when none is published, path inside a data mirror)
-DOWNLOADS = {
-    "hellaswag": (HELLASWAG_URL, None, "hellaswag/hellaswag_val.jsonl"),
-    "lambada": (LAMBADA_URL, LAMBADA_SHA256, "lambada/lambada_test.jsonl"),
-}
-TASKS = ("hellaswag", "lambada", "ppl")
+from .checkpoint import load_for_inference
+from .config import Config, Section, check_init_from, check_path, setting
+from .data import dataset_dir, load_meta, prepare_hint, token_count
+from .errors import ConfigError, DataError, UserError, run_command
+from .runtime import RuntimeConfig
+from .scoring import DOWNLOADS, encode_file, hellaswag, lambada, perplexity
+from .tokenizer import vocabulary_for
 
 
-# --------------------------------------------------------------------------------------------
-# shared pieces
+@dataclass
+class EvalSettings(Section):
+    """What eval.py scores, and on which model."""
+
+    init_from: str = setting("resume", "'resume' (from out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or a local Hugging Face folder.")
+    out_dir: str = setting("out", "Folder holding ckpt.pt when init_from='resume'.")
+    dataset: str = setting("", "Perplexity on data_root/dataset/{split}.bin; when nothing else is chosen, the training run's dataset.")
+    data_root: str = setting("data", "Folder that holds the dataset folders (and the character vocabulary of a char-level run).")
+    split: str = setting("val", "Token file of the dataset to read: 'val' or 'train'.")
+    text_file: str = setting("", "Perplexity on a UTF-8 text file, tokenised with the model's tokenizer.", path="text")
+    block_size: int = setting(0, "Window length for perplexity and the longest input for the tasks (0 = the model's context).", ge=0)
+    stride: int = setting(0, "Step between perplexity windows (0 = the window length: no overlap); smaller gives each scored token more context.", ge=0)
+    batch_size: int = setting(8, "Windows (perplexity) or scored continuations (tasks) per forward pass.", gt=0)
+    max_tokens: int = setting(0, "Read only the first max_tokens tokens of the data or text (0 = all).", ge=0)
+    hellaswag: str = setting("", "HellaSwag-format jsonl (ctx, endings, label) to score zero-shot, or 'download' (needs --sha256).")
+    lambada: str = setting("", "LAMBADA-format jsonl (one {'text': ...} per line) for last-word accuracy, or 'download'.")
+    limit: int = setting(0, "Score only the first limit examples of hellaswag and lambada (0 = all).", ge=0)
+    sha256: str = setting("", "Expected sha256 of a file fetched with 'download' (required for hellaswag, which has no pinned checksum).")
+    cache_dir: str = setting("", "Where downloaded task files are kept ('' = data_root/eval).", path="out")
+    mirror: str = setting("", "Local folder mirroring the task files (hellaswag/hellaswag_val.jsonl, lambada/lambada_test.jsonl); default $NANOGPT_DATA_MIRROR.",
+                          path="dir")
+    json_out: str = setting("", "Also write the results as JSON to this file (written atomically).")
+
+    def check(self) -> None:
+        check_init_from(self.init_from, ("resume",))
+        if self.max_tokens == 1:
+            raise ConfigError("max_tokens must be 0 (all) or at least 2: the first token is context only")
+        if self.block_size and self.stride > self.block_size:
+            raise ConfigError("stride (%d) must not exceed block_size (%d): tokens between windows would go unscored"
+                              % (self.stride, self.block_size))
+        if self.dataset and self.text_file:
+            raise ConfigError("set dataset or text_file, not both: one perplexity source per run")
+        if not self.split or os.sep in self.split or "/" in self.split:
+            raise ConfigError("split must be the name of a token file such as 'val' or 'train'; got %r" % self.split)
+        for k in ("hellaswag", "lambada"):
+            v = getattr(self, k)
+            if v and v != "download":
+                if not os.path.exists(v):
+                    raise ConfigError("%s=%r: no such file; give a local jsonl file or 'download'" % (k, v))
+                check_path(k, v, "text")
+        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())):
+            raise ConfigError("sha256 must be 64 hexadecimal digits; got %r" % self.sha256)
+        if self.sha256 and self.hellaswag == "download" and self.lambada == "download":
+            raise ConfigError("sha256 is ambiguous with both hellaswag=download and lambada=download; download one at a time")
+        if self.json_out:
+            if os.path.isdir(self.json_out):
+                raise ConfigError("json_out=%r is a folder; give a file name" % self.json_out)
+            check_path("json_out", os.path.dirname(os.path.abspath(self.json_out)), "out")
 
 
-def vocab_limit(tokenizer, model) -> int | None:
-    """How many leading logits are real tokens; None when all of them are."""
-    n = getattr(tokenizer, "vocab_size", None)
-    return n if n and n < model.config.vocab_size else None
+class EvalConfig(Config):
+    """Every key of eval.py."""
 
-
-def _real_logits(logits: torch.Tensor, limit: int | None) -> torch.Tensor:
-    """float32 logits (..., V) with padded vocabulary entries at -inf."""
-    logits = logits.float()
-    if limit is not None:
-        logits[..., limit:] = float("-inf")
-    return logits
-
-
-def utf8_len(tokenizer, ids) -> int:
-    """UTF-8 bytes of the text that ``ids`` stand for; ``<|endoftext|>`` counts zero."""
-    enc = getattr(tokenizer, "enc", None)
-    if enc is not None:  # byte-level BPE: exact even where one character spans two tokens
-        eot = getattr(tokenizer, "eot_token", None)
-        return len(enc.decode_bytes([int(i) for i in ids if i != eot]))
-    return len(tokenizer.decode(ids).encode("utf-8"))
-
-
-def _bar(total: int, desc: str, unit: str, progress: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, leave=False)
-
-
-def _check_ids(ids: np.ndarray, model, where: str) -> None:
-    top = int(ids.max()) if ids.size else 0
-    if top >= model.config.vocab_size:
-        raise UserError("%s holds token id %d but the model's vocabulary has %d entries; evaluate it with the model "
-                        "(and tokenizer) it was prepared for" % (where, top, model.config.vocab_size))
-
-
-# --------------------------------------------------------------------------------------------
-# perplexity
-
-
-def iter_windows(n_tokens: int, window: int, stride: int):
-    """(begin, end, first) per window over ``n_tokens`` tokens: the model reads tokens
-    [begin, end) and predicts tokens begin+1 .. end, of which those from index ``first`` on are
-    scored in this window. Together the windows score every token from index 1 on exactly once."""
-    done, begin = 0, 0  # tokens 1 .. done are scored
-    while done < n_tokens - 1:
-        end = min(begin + window, n_tokens - 1)
-        yield begin, end, done + 1
-        done, begin = end, begin + stride
-
-
-def window_count(n_tokens: int, window: int, stride: int) -> int:
-    return 1 + max(0, -(-(n_tokens - 1 - window) // stride))
-
-
-@torch.no_grad()
-def perplexity(model, tokens, tokenizer, device: str, ctx, window: int, stride: int, batch_size: int = 8,
-               max_windows: int = 0, progress: bool = True, where: str = "the text") -> dict:
-    """Mean loss (nats per token), perplexity and bits per byte of ``tokens`` (a 1-D array, a
-    memory map is fine), scored in windows of ``window`` tokens that advance by ``stride``."""
-    n = len(tokens)
-    if n < 2:
-        raise UserError("%s has %d token(s); perplexity needs at least 2 (the first is context only)" % (where, n))
-    if not 0 < stride <= window <= model.config.block_size:
-        raise ConfigError("need 0 < stride (%d) <= block_size (%d) <= the model's context (%d)"
-                          % (stride, window, model.config.block_size))
-    limit = vocab_limit(tokenizer, model)
-    total = window_count(n, window, stride)
-    if max_windows:
-        total = min(total, max_windows)
-    spans = itertools.islice(iter_windows(n, window, stride), total)
-    nll, scored, nbytes = 0.0, 0, 0
-    with _bar(total, "perplexity", "window", progress) as bar:
-        while True:
-            batch = list(itertools.islice(spans, batch_size))
-            if not batch:
-                break
-            T = max(end - begin for begin, end, _ in batch)
-            x = np.zeros((len(batch), T), dtype=np.int64)  # (B, T) right-padded; causal attention never sees the padding
-            y = np.full((len(batch), T), -1, dtype=np.int64)  # (B, T) -1 = not scored here
-            for i, (begin, end, first) in enumerate(batch):
-                chunk = np.asarray(tokens[begin:end + 1], dtype=np.int64)  # inputs and their targets
-                s = first - 1 - begin  # first scored position of this window
-                x[i, :end - begin] = chunk[:-1]
-                y[i, s:end - begin] = chunk[s + 1:]
-                nbytes += utf8_len(tokenizer, chunk[s + 1:].tolist())
-            _check_ids(np.concatenate([x.ravel(), y[y >= 0]]), model, where)
-            xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-            with ctx:
-                logits, _ = model(xt)  # (B, T, V)
-            logits = _real_logits(logits, limit)
-            nll += F.cross_entropy(logits.view(-1, logits.size(-1)), yt.view(-1), ignore_index=-1,
-                                   reduction="sum").item()
-            scored += int((y >= 0).sum())
-            bar.update(len(batch))
-    loss = nll / scored
-    return {"loss": loss, "ppl": math.exp(loss), "bpb": nll / math.log(2) / nbytes if nbytes else None,
-            "tokens": scored, "bytes": nbytes}
-
-
-# --------------------------------------------------------------------------------------------
-# scoring continuations (HellaSwag, LAMBADA)
-
-
-@torch.no_grad()
-def score_continuations(model, pairs, device: str, ctx, window: int, batch_size: int = 8,
-                        limit: int | None = None, progress: bool = False, desc: str = "scoring") -> list:
-    """For each (context ids, continuation ids): (summed log-probability of the continuation's
-    tokens, how many were scored, whether greedy decoding predicts every one of them). Inputs
-    longer than ``window`` lose tokens from the left; a continuation longer than the window is
-    scored on its last ``window`` tokens."""
-    out = []
-    with _bar(len(pairs), desc, "row", progress) as bar:
-        for start in range(0, len(pairs), batch_size):
-            rows = []
-            for context, cont in pairs[start:start + batch_size]:
-                seq = (list(context) + list(cont))[-(window + 1):]
-                rows.append((seq, min(len(cont), len(seq) - 1)))
-            T = max(len(seq) for seq, _ in rows) - 1
-            x = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T) right-padded
-            y = torch.full((len(rows), T), -1, dtype=torch.long)  # (B, T) -1 = not scored
-            for i, (seq, k) in enumerate(rows):
-                L = len(seq) - 1
-                x[i, :L] = torch.tensor(seq[:-1])
-                y[i, L - k:L] = torch.tensor(seq[L - k + 1:])
-            x, y = x.to(device), y.to(device)
-            with ctx:
-                logits, _ = model(x)  # (B, T, V)
-            mask = y >= 0
-            picked = _real_logits(logits[mask], limit)  # (N, V), row by row
-            target = y[mask]  # (N,)
-            logp = picked.log_softmax(dim=-1).gather(1, target[:, None])[:, 0]  # (N,)
-            greedy = picked.argmax(dim=-1) == target  # (N,)
-            counts = mask.sum(dim=1).tolist()
-            for lp, g, k in zip(logp.cpu().double().split(counts), greedy.cpu().split(counts), counts):
-                out.append((lp.sum().item(), k, bool(g.all())))
-            bar.update(len(rows))
-    return out
-
-
-def _read_jsonl(path: str, limit: int, task: str) -> list[tuple[int, dict]]:
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError("%s line %d is not valid JSON (%s); is it a %s jsonl file?" % (path, lineno, e.msg, task)) from None
-                if limit and len(rows) >= limit:
-                    break
-    except UnicodeDecodeError:
-        raise UserError("%s is not UTF-8 text; expected a %s jsonl file" % (path, task)) from None
-    if not rows:
-        raise UserError("%s holds no examples" % path)
-    return rows
-
-
-def _encode(tokenizer, text: str, path: str, example: int) -> list[int]:
-    try:
-        return tokenizer.encode(text)
-    except UserError as e:  # a character outside a character vocabulary
-        raise UserError("%s example %d: %s" % (path, example, e)) from None
-
-
-def read_hellaswag(path: str, limit: int = 0) -> list[tuple[str, list[str], int]]:
-    """(ctx, endings, label) of each line of a HellaSwag-format jsonl file."""
-    out = []
-    for lineno, row in _read_jsonl(path, limit, "HellaSwag"):
-        ctx, endings, label = (row.get(k) for k in ("ctx", "endings", "label")) if isinstance(row, dict) else (None,) * 3
-        try:
-            label = int(label)
-        except (TypeError, ValueError):
-            label = None
-        if not isinstance(ctx, str) or not isinstance(endings, list) or not endings or \
-                not all(isinstance(e, str) for e in endings) or label is None or not 0 <= label < len(endings):
-            raise UserError("%s line %d: expected {\"ctx\": str, \"endings\": [str, ...], \"label\": index of the "
-                            "right ending}" % (path, lineno))
-        out.append((ctx, endings, label))
-    return out
-
-
-def read_lambada(path: str, limit: int = 0) -> list[tuple[str, str]]:
-    """(context, target) of each line of a LAMBADA-format jsonl file: the target is the last
-    word with its leading space, the context everything before that space."""
-    out = []
-    for lineno, row in _read_jsonl(path, limit, "LAMBADA"):
-        text = row.get("text") if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise UserError("%s line %d: expected {\"text\": str}" % (path, lineno))
-        context, _, word = text.rstrip().rpartition(" ")
-        if not context.strip() or not word:
-            raise UserError("%s line %d: the text needs words before its last word" % (path, lineno))
-        out.append((context, " " + word))
-    return out
-
-
-def hellaswag(model, path: str, tokenizer, device: str, ctx, window: int, batch_size: int = 8, limit: int = 0,
-              progress: bool = True, details: bool = False) -> dict:
-    """acc, acc_norm and n on a HellaSwag-format file; ``details`` adds each example's summed
-    and mean log-probabilities per ending."""
-    examples = read_hellaswag(path, limit)
-    pairs, sizes = [], []
-    for i, (text, endings, _) in enumerate(examples):
-        context = _encode(tokenizer, text, path, i + 1)
-        if not context:
-            raise UserError("%s example %d: ctx is empty after tokenisation" % (path, i + 1))
-        sizes.append(len(endings))
-        pairs.extend((context, _encode(tokenizer, " " + e, path, i + 1)) for e in endings)
-    scores = score_continuations(model, pairs, device, ctx, window, batch_size, vocab_limit(tokenizer, model),
-                                 progress, "hellaswag")
-    acc = acc_norm = 0
-    per_example = []
-    it = iter(scores)
-    for (_, _, label), k in zip(examples, sizes):
-        rows = [next(it) for _ in range(k)]
-        total = [lp for lp, _, _ in rows]
-        mean = [lp / max(n, 1) for lp, n, _ in rows]
-        acc += max(range(k), key=total.__getitem__) == label
-        acc_norm += max(range(k), key=mean.__getitem__) == label
-        per_example.append({"logprob": total, "mean_logprob": mean, "label": label})
-    n = len(examples)
-    out = {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
-    if details:
-        out["examples"] = per_example
-    return out
-
-
-def lambada(model, path: str, tokenizer, device: str, ctx, window: int, batch_size: int = 8, limit: int = 0,
-            progress: bool = True, details: bool = False) -> dict:
-    """acc, the mean summed loss of the target word (nats), its perplexity and n on a
-    LAMBADA-format file; ``details`` adds each example's (log-probability, tokens, correct)."""
-    examples = read_lambada(path, limit)
-    pairs = [(_encode(tokenizer, c, path, i + 1), _encode(tokenizer, t, path, i + 1)) for i, (c, t) in enumerate(examples)]
-    scores = score_continuations(model, pairs, device, ctx, window, batch_size, vocab_limit(tokenizer, model),
-                                 progress, "lambada")
-    n = len(scores)
-    loss = -sum(lp for lp, _, _ in scores) / n
-    out = {"acc": sum(g for _, _, g in scores) / n, "loss": loss, "ppl": math.exp(loss), "n": n}
-    if details:
-        out["examples"] = scores
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# from a training loop
-
-
-def parse_tasks(spec: str) -> dict[str, str]:
-    """``"hellaswag=PATH,lambada=PATH,ppl=PATH"`` -> {task: path}; every file must exist."""
-    tasks: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, eq, path = item.partition("=")
-        name, path = name.strip(), path.strip()
-        if not eq or not path:
-            raise ConfigError("eval_tasks: %r must look like TASK=PATH, e.g. hellaswag=data/eval/hellaswag_val.jsonl" % item)
-        if name not in TASKS:
-            raise ConfigError("eval_tasks: unknown task %r; known tasks: %s" % (name, ", ".join(TASKS)))
-        if name in tasks:
-            raise ConfigError("eval_tasks: task %r is given twice" % name)
-        if not os.path.isfile(path):
-            hint = " (`python eval.py --%s=download ...` caches one under data/eval)" % name if name in DOWNLOADS else ""
-            raise ConfigError("eval_tasks: %s file %r does not exist; give a local file%s" % (name, path, hint))
-        tasks[name] = path
-    return tasks
-
-
-def run_tasks(model, tasks: dict, tokenizer, device: str, ctx, limit: int = 0, batch_size: int = 8,
-              progress: bool = False) -> dict[str, float]:
-    """Run ``parse_tasks``' tasks on ``model`` at its full context; flat metric names such as
-    ``hellaswag/acc_norm``, ``lambada/acc``, ``ppl/bpb``. ``limit`` caps the examples per task
-    (for ``ppl``, the windows). The model is left in the train/eval mode it came in."""
-    was_training = model.training
-    model.eval()
-    window = model.config.block_size
-    out: dict[str, float] = {}
-    try:
-        for name, path in tasks.items():
-            if name == "hellaswag":
-                r = hellaswag(model, path, tokenizer, device, ctx, window, batch_size, limit, progress)
-                out.update({"hellaswag/acc": r["acc"], "hellaswag/acc_norm": r["acc_norm"]})
-            elif name == "lambada":
-                r = lambada(model, path, tokenizer, device, ctx, window, batch_size, limit, progress)
-                out.update({"lambada/acc": r["acc"], "lambada/ppl": r["ppl"]})
-            elif name == "ppl":
-                tokens = np.asarray(_encode_file(tokenizer, path, 0), dtype=np.int64)
-                r = perplexity(model, tokens, tokenizer, device, ctx, window, window, batch_size, limit, progress, path)
-                out.update({"ppl/loss": r["loss"], "ppl/ppl": r["ppl"]})
-                if r["bpb"] is not None:
-                    out["ppl/bpb"] = r["bpb"]
-            else:
-                raise ConfigError("eval_tasks: unknown task %r; known tasks: %s" % (name, ", ".join(TASKS)))
-    finally:
-        model.train(was_training)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# inputs of the command line
-
-
-def _encode_file(tokenizer, path: str, max_tokens: int) -> list[int]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError("%s is not UTF-8 text (byte %d); convert it first" % (path, e.start)) from None
-    try:
-        ids = tokenizer.encode(text)
-    except UserError as e:
-        raise UserError("%s: %s" % (path, e)) from None
-    return ids[:max_tokens] if max_tokens else ids
-
+    sections = (("eval", EvalSettings), ("runtime", RuntimeConfig))
+    defaults = {"compile": False}
 
 def same_vocabulary(meta: dict | None, tokenizer) -> bool:
     """Whether token files described by ``meta`` use ``tokenizer``'s ids."""
@@ -386,7 +95,6 @@ def same_vocabulary(meta: dict | None, tokenizer) -> bool:
 def split_tokens(dataset: str, roots, split: str, tokenizer, max_tokens: int):
     """The token file ``<root>/<dataset>/<split>.bin`` of the first root that has the dataset, as
     a read-only memory map, and its path."""
-    from .prepare import load_meta
     roots = [r for r in roots if r]
     folder = next((dataset_dir(r, dataset) for r in roots if os.path.isdir(dataset_dir(r, dataset))), None)
     if folder is None:
@@ -400,8 +108,8 @@ def split_tokens(dataset: str, roots, split: str, tokenizer, max_tokens: int):
     path = os.path.join(folder, "%s.bin" % split)
     if not os.path.isfile(path):
         raise DataError("dataset %r has no %s.bin (looked for %s); %s" % (dataset, split, path, prepare_hint(dataset)))
-    dtype = np.dtype((meta or {}).get("dtype", "uint16"))
-    if os.path.getsize(path) < 2 * dtype.itemsize:
+    dtype = (meta or {}).get("dtype", "uint16")
+    if token_count(path, dtype, meta, split) < 2:
         raise DataError("%s holds fewer than 2 tokens; %s" % (path, prepare_hint(dataset)))
     data = np.memmap(path, dtype=dtype, mode="r")
     return (data[:max_tokens] if max_tokens else data), path
@@ -412,7 +120,7 @@ def task_file(task: str, value: str, cfg: EvalConfig) -> str:
     the cache folder (fetched from the mirror or the public address when missing)."""
     if value != "download":
         return value
-    from .prepare import fetch
+    from .download import fetch
     url, sha256, relpath = DOWNLOADS[task]
     sha256 = cfg.sha256.lower() or sha256
     if not sha256:
@@ -440,25 +148,17 @@ def _write_json(path: str, obj: dict) -> None:
 # command line
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_cli(evaluate, argv)
-
-
-def evaluate(argv: list[str]) -> dict:
-    from .sample import load_model, tokenizer_for
-    cfg, _ = load_config(EvalConfig, argv)
+def evaluate(cfg: EvalConfig) -> dict:
+    """Score the model ``cfg`` names; prints a summary and returns the results."""
     cfg.validate()
-    device, device_type, dtype = runtime.setup(cfg.device, cfg.dtype, cfg.seed)
     # task files first: a missing checksum or a failed download should not wait for the model
     files = {task: task_file(task, getattr(cfg, task), cfg) for task in DOWNLOADS if getattr(cfg, task)}
-
-    model, train_config = load_model(cfg.init_from, cfg.out_dir)
-    model.eval().to(device)
-    ctx = runtime.autocast(device_type, dtype)  # float32 weights, low-precision matmuls: as in training's evaluation
-    tok, _ = tokenizer_for(train_config, cfg.data_root, model.config.vocab_size)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError("the model has %d vocabulary entries, fewer than the %d of its tokenizer; pass --data_root=FOLDER "
-                        "holding the training dataset's meta.json" % (model.config.vocab_size, tok.vocab_size))
+    rt = runtime.setup(cfg.runtime, log=lambda m: print(m, file=sys.stderr))
+    model, train_config = load_for_inference(cfg.init_from, cfg.out_dir)
+    model.eval().to(rt.device)
+    ctx = rt.autocast()  # float32 weights, low-precision matmuls: as in training's evaluation
+    vocab = vocabulary_for(train_config, cfg.data_root, model.config.vocab_size)
+    tok = vocab.tokenizer
     context = model.config.block_size
     window = cfg.block_size or context
     if window > context:
@@ -466,45 +166,63 @@ def evaluate(argv: list[str]) -> dict:
     stride = cfg.stride or window
     if stride > window:
         raise ConfigError("stride (%d) must not exceed the window of %d tokens" % (stride, window))
-
     dataset = cfg.dataset
     if not (dataset or cfg.text_file or cfg.hellaswag or cfg.lambada):
         if not (train_config and train_config.get("dataset")):
             raise ConfigError("nothing to evaluate: set --dataset=NAME, --text_file=PATH, --hellaswag=PATH|download "
                               "or --lambada=PATH|download")
         dataset = train_config["dataset"]
+    rt.threads.settle(lambda m: print(m, file=sys.stderr))
+    scorer = model
+    if cfg.compile:
+        why = runtime.compile_blocker(rt.device_type)
+        if why:
+            print("compile: disabled (%s); running eagerly" % why, file=sys.stderr)
+        else:
+            scorer = torch.compile(model, dynamic=True)  # the batches have varying lengths
     name = "%s (%s)" % (cfg.init_from, cfg.out_dir) if cfg.init_from == "resume" else cfg.init_from
-    results: dict = {"model": name, "parameters": model.num_params(non_embedding=False), "device": device,
-                     "dtype": dtype, "block_size": window}
-    lines = ["model      %s, %.2fM parameters, %s %s" % (name, results["parameters"] / 1e6, device, dtype)]
-
+    results: dict = {"model": name, "parameters": model.num_params(non_embedding=False), "device": rt.device,
+                     "dtype": rt.dtype, "block_size": window}
+    lines = ["model      %s, %.2fM parameters, %s %s" % (name, results["parameters"] / 1e6, rt.device, rt.dtype)]
     if dataset or cfg.text_file:
         if dataset:
             roots = (cfg.data_root, (train_config or {}).get("data_root"))
             tokens, source = split_tokens(dataset, roots, cfg.split, tok, cfg.max_tokens)
         else:
-            tokens, source = np.asarray(_encode_file(tok, cfg.text_file, cfg.max_tokens), dtype=np.int64), cfg.text_file
-        r = perplexity(model, tokens, tok, device, ctx, window, stride, cfg.batch_size, where=source)
+            tokens, source = np.asarray(encode_file(tok, cfg.text_file, cfg.max_tokens), dtype=np.int64), cfg.text_file
+        r = perplexity(scorer, tokens, tok, rt.device, ctx, window, stride, cfg.batch_size, where=source)
         results["perplexity"] = dict(r, source=source, window=window, stride=stride)
         lines.append("perplexity %s: %s tokens scored (window %d, stride %d)" % (source, f"{r['tokens']:,}", window, stride))
         bpb = "%.4f" % r["bpb"] if r["bpb"] is not None else "n/a"
         lines.append("           loss %.4f nats/token | perplexity %.3f | %s bits/byte" % (r["loss"], r["ppl"], bpb))
     if cfg.hellaswag:
-        path = files["hellaswag"]
-        r = hellaswag(model, path, tok, device, ctx, window, cfg.batch_size, cfg.limit)
-        results["hellaswag"] = dict(r, source=path)
+        r = hellaswag(scorer, files["hellaswag"], tok, rt.device, ctx, window, cfg.batch_size, cfg.limit)
+        results["hellaswag"] = dict(r, source=files["hellaswag"])
         lines.append("hellaswag  %s examples: acc %.4f | acc_norm %.4f (mean log-prob per token)" % (f"{r['n']:,}", r["acc"], r["acc_norm"]))
     if cfg.lambada:
-        path = files["lambada"]
-        r = lambada(model, path, tok, device, ctx, window, cfg.batch_size, cfg.limit)
-        results["lambada"] = dict(r, source=path)
+        r = lambada(scorer, files["lambada"], tok, rt.device, ctx, window, cfg.batch_size, cfg.limit)
+        results["lambada"] = dict(r, source=files["lambada"])
         lines.append("lambada    %s examples: acc %.4f | target loss %.4f | perplexity %.3f" % (f"{r['n']:,}", r["acc"], r["loss"], r["ppl"]))
-
+    check_finite_results(results, name)
     print("\n".join(lines))
     sys.stdout.flush()
     if cfg.json_out:
         _write_json(cfg.json_out, results)
     return results
+
+
+def check_finite_results(results: dict, name: str) -> None:
+    """A nan/inf score is a broken model or input, never a result: refuse to print or write it."""
+    for task, r in results.items():
+        if isinstance(r, dict):
+            for k, v in r.items():
+                if isinstance(v, float) and not math.isfinite(v) and k in ("loss", "ppl", "bpb"):
+                    raise UserError("%s gives %s %s = %s on %s: the model's outputs are not finite there; nothing was "
+                                    "written" % (name, task, k, v, r.get("source", task)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(lambda args: evaluate(EvalConfig.parse(args)), argv)
 
 
 if __name__ == "__main__":

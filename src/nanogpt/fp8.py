@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError
-from .model import autocast_dtype
+from .errors import ConfigError
+from .runtime import autocast_dtype
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 

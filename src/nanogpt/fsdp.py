@@ -98,6 +98,12 @@ def full_model_state(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=_options())
 
 
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Full weights, read by every rank, into the sharded model: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
 def _fqns(model: torch.nn.Module, optimizer) -> list[str]:
     """The name of each parameter of ``optimizer``, in the order ``optimizer.state_dict()``
     numbers them."""

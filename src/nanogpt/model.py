@@ -1,69 +1,86 @@
-"""The GPT-2 model, in one file.
+"""The GPT-2 model, in one file: its settings and its layers.
 
 Parameter names follow GPT-2's (transformer.wte, transformer.h.0.attn.c_attn, ...), so released
 checkpoints map onto it directly. Shapes in comments: B batch, T time, C channels (n_embd),
 nh heads, hs head size, V vocabulary.
+
+The optional features (rope, qk_norm, mlp_activation, untied_head) default to GPT-2's values.
+A new feature is a field of GPTConfig with ``feature=True`` (its default must be GPT-2's) and its
+code below; checkpoints, resume, export and ``init_from='gpt2'`` read the field list from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
-    """The dtype autocast runs matrix products in on this device, or ``default`` outside autocast."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+from .config import ConfigError, Section, setting
+from .loss import chunked_cross_entropy
 
 
 @dataclass
-class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257, padded up to a multiple of 64
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # bias in Linear and LayerNorm layers, as in GPT-2
-    # optional features; the defaults are GPT-2
-    rope: bool = False  # rotary position embeddings on q and k instead of the learned wpe
-    qk_norm: bool = False  # RMS-normalise q and k per head before attention
-    mlp_activation: str = "gelu"  # 'gelu' (GPT-2's tanh GELU) or 'relu2' (ReLU, squared)
-    untied_head: bool = False  # an output layer of its own instead of the token embeddings
+class GPTConfig(Section):
+    """The model's shape and features: what a checkpoint stores as ``model_args``."""
+
+    block_size: int = setting(1024, "Context length in tokens.", gt=0)
+    vocab_size: int = setting(50304, "Vocabulary size; 0 takes it from the dataset's meta.json (50304, GPT-2's 50257 padded, without one).",
+                              ge=0, note="0 = from the dataset")
+    n_layer: int = setting(12, "Transformer blocks.", gt=0)
+    n_head: int = setting(12, "Attention heads per block.", gt=0)
+    n_embd: int = setting(768, "Embedding width.", gt=0)
+    dropout: float = setting(0.0, "Dropout probability (0.0 for pretraining, try 0.1+ for finetuning).", ge=0, lt=1,
+                             training=True)  # a training choice: a resume or finetune may change it
+    bias: bool = setting(True, "Bias in Linear and LayerNorm layers (GPT-2 has them; False is slightly better and faster).")
+    # optional features; each default is GPT-2's
+    rope: bool = setting(False, "Rotary position embeddings (RoPE) on queries and keys instead of GPT-2's learned position table.",
+                         feature=True)
+    qk_norm: bool = setting(False, "RMS-normalise queries and keys per head before attention (steadier at high learning rates).",
+                            feature=True)
+    mlp_activation: str = setting("gelu", "MLP non-linearity: 'gelu' (GPT-2's tanh GELU) or 'relu2' (ReLU squared).",
+                                  choices=("gelu", "relu2"), feature=True)
+    untied_head: bool = setting(False, "Give the output layer its own weights instead of sharing the token embeddings.",
+                                feature=True)
+
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError("n_embd (%d) must be divisible by n_head (%d)" % (self.n_embd, self.n_head))
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ConfigError("rope=True needs an even head size; n_embd/n_head is %d" % (self.n_embd // self.n_head))
+
+    @classmethod
+    def from_args(cls, args: dict, **override) -> "GPTConfig":
+        """A config from a checkpoint's ``model_args``: every key known, every value checked.
+        A key missing from an older checkpoint takes its default (a feature it predates: off)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ConfigError("unknown model setting %r (this version knows %s)" % (unknown[0], ", ".join(sorted(known))))
+        config = cls(**dict(args, **override))
+        config.validate()
+        if config.vocab_size == 0:
+            raise ConfigError("vocab_size must be > 0; got 0")
+        return config
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to max_len."""
+def architecture_keys() -> tuple[str, ...]:
+    """The settings that fix the weights' shapes and meaning (all but training choices like dropout)."""
+    return tuple(f.name for f in fields(GPTConfig) if not f.metadata.get("training"))
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
-        # zeros, not empty: masked-out positions still meet softmax weights of 0, and 0 * nan is nan
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # tokens already cached
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store (B, nh, T, hs) keys/values at the current position; return everything so far."""
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+def features() -> dict:
+    """Each optional feature and its GPT-2 value (the default)."""
+    return {f.name: f.default for f in fields(GPTConfig) if f.metadata.get("feature")}
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        """Store one (B, nh, 1, hs) key/value at the position held in ``pos`` (1,), a device
-        tensor, and return the whole preallocated cache: shapes never change (CUDA graphs)."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
-        return self.k[layer], self.v[layer]
+
+def features_on(config: GPTConfig | dict) -> dict:
+    """The features of ``config`` (or of model_args) that differ from GPT-2."""
+    args = asdict(config) if isinstance(config, GPTConfig) else config
+    return {k: args[k] for k, v in features().items() if k in args and args[k] != v}
 
 
 def rotary_tables(config: GPTConfig, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,56 +98,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-class _ChunkedLMLoss(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight^T against targets, one chunk of rows at a time:
-    the (N, V) logits never exist at once, only (chunk, V). The gradients are computed on the way
-    (softmax minus one-hot, times weight or x), so backward only scales them."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk: int):
-        # x (N, C), weight (V, C), targets (N,) with -1 = ignored
-        dev = x.device.type
-        amp = torch.is_autocast_enabled(dev)
-        dt = autocast_dtype(dev, weight.dtype)  # the matmuls' dtype, as lm_head would use
-        if dt == torch.float16:
-            dt = torch.float32  # gradients are formed here, before any loss scaling: float16 would underflow
-        count = (targets != -1).sum().clamp(min=1).float()
-        total = torch.zeros((), device=x.device, dtype=torch.float32)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
-            w = weight.to(dt)
-            for s in range(0, x.size(0), chunk):
-                xc, tc = x[s:s + chunk].to(dt), targets[s:s + chunk]
-                keep = (tc != -1).float()[:, None]  # (n, 1)
-                safe = tc.clamp(min=0)[:, None]  # (n, 1)
-                logits = (xc @ w.t()).float()  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-                total += ((lse - logits.gather(1, safe)) * keep).sum()
-                p = logits.sub_(lse).exp_()  # softmax, in the logits' memory
-                p = p.scatter_add_(1, safe, -torch.ones_like(keep)).mul_(keep).to(dt)  # d loss_sum / d logits
-                grad_x[s:s + chunk] = p @ w  # (n, C)
-                grad_w += p.t() @ xc  # (V, C)
-        ctx.save_for_backward(grad_x.div_(count), grad_w.div_(count))  # in place: no second (V, C) buffer
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_out, grad_w * grad_out, None, None
-
-
-def chunked_cross_entropy(x, weight, targets, chunk: int):
-    """F.cross_entropy(x @ weight^T, targets, ignore_index=-1) without the (N, V) logits."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLMLoss.apply(x, weight, targets, chunk)
-    total = torch.zeros((), device=x.device, dtype=torch.float32)
-    for s in range(0, x.size(0), chunk):
-        logits = (x[s:s + chunk] @ weight.t()).float()
-        total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=-1, reduction="sum")
-    return total / (targets != -1).sum().clamp(min=1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -143,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
 
-    def forward(self, x, rot=None, cache: KVCache | None = None, layer: int = 0, step=None):
+    def forward(self, x, rot=None, cache=None, layer: int = 0, step=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -198,7 +165,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rot=None, cache: KVCache | None = None, layer: int = 0, step=None):
+    def forward(self, x, rot=None, cache=None, layer: int = 0, step=None):
         x = x + self.attn(self.ln_1(x), rot, cache, layer, step)
         return x + self.mlp(self.ln_2(x))
 
@@ -206,10 +173,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.mlp_activation not in ("gelu", "relu2"):
-            raise ValueError("mlp_activation must be 'gelu' or 'relu2'; got %r" % config.mlp_activation)
-        if config.rope and (config.n_embd // config.n_head) % 2:
-            raise ValueError("rope needs an even head size; n_embd/n_head is %d" % (config.n_embd // config.n_head))
+        config.validate()
+        if config.vocab_size == 0:
+            raise ConfigError("vocab_size must be > 0 to build a model (0 is only a request to take it from the dataset)")
         self.config = config
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
         if config.rope:  # positions enter as rotations of q and k: no learned table
@@ -266,8 +232,9 @@ class GPT(nn.Module):
             return x, (self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos))
         return x + self.transformer.wpe(pos), None
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, last_only: bool = False):
-        """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with last_only; loss with targets."""
+    def forward(self, idx, targets=None, cache=None, last_only: bool = False):
+        """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with last_only; loss with targets.
+        ``cache`` (see generate.KVCache) holds the keys and values of earlier positions."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -293,7 +260,7 @@ class GPT(nn.Module):
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the last position
         return self.lm_head(x), None
 
-    def decode_step(self, idx, pos, cache: KVCache):
+    def decode_step(self, idx, pos, cache):
         """idx (B, 1), the token at position ``pos`` (a (1,) device tensor) -> logits (B, V).
         Every shape is fixed, whatever the position, so the step can be captured as a CUDA graph."""
         L = cache.k.size(3)
@@ -312,206 +279,14 @@ class GPT(nn.Module):
         else:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dropout: float | None = None) -> "GPT":
+        """GPT-2 weights: 'gpt2' ... 'gpt2-xl' from the hub, or a local Hugging Face folder (hf.py)."""
+        from .hf import load_pretrained
+        return load_pretrained(name_or_path, dropout)
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 per weight plus attention scores."""
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
-
-    # ---------------------------------------------------------------------------------------
-    # generation
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, use_cache: bool = True, vocab_limit: int | None = None,
-                 generator: torch.Generator | None = None, cuda_graph: bool = True):
-        """Extend idx (B, T) by max_new_tokens tokens.
-
-        With the cache, the prompt is run once (prefill) and each new token costs one position.
-        Once the sequence no longer fits in block_size the window slides: the last block_size
-        tokens are re-run from position 0, which is what the uncached path does, so both give the
-        same tokens. temperature=0 is greedy; vocab_limit masks padded vocabulary entries.
-        On CUDA the one-token step is replayed as a CUDA graph (one launch instead of hundreds);
-        ``cuda_graph=False`` runs it eagerly.
-        """
-        with _generation_attention(idx.device.type):
-            static = use_cache and cuda_graph and idx.is_cuda
-            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_limit, generator,
-                                  static, static)
-
-    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, vocab_limit, generator,
-                  static=False, graph=False):
-        bs = self.config.block_size
-        cache, step = None, None
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -bs:], last_only=True)
-            elif cache is None or cache.pos >= bs:
-                ctx = idx[:, -bs:]
-                if cache is None:
-                    p = next(self.parameters())
-                    cache = KVCache(self.config, idx.size(0), bs, idx.device, autocast_dtype(idx.device.type, p.dtype))
-                cache.pos = 0
-                logits, _ = self(ctx, cache=cache, last_only=True)
-                if static and step is None:
-                    step = _DecodeStep(self, cache, idx.size(0), graph)
-            elif step is not None:
-                logits = step(idx[:, -1:], cache.pos)[:, None, :]
-                cache.pos += 1
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache, last_only=True)
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, vocab_limit, generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
-
-    # ---------------------------------------------------------------------------------------
-    # released GPT-2 weights
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, dropout: float | None = None) -> "GPT":
-        """Load GPT-2 weights from the Hugging Face hub ('gpt2' ... 'gpt2-xl') or a local
-        folder written by ``save_pretrained`` (config.json + model.safetensors or
-        pytorch_model.bin). transformers is not needed."""
-        folder = hf_folder(name_or_path)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError("%s holds a %r model, not GPT-2" % (folder, hf.get("model_type")))
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError("%s uses activation %r; only GPT-2's tanh GELU is supported" % (folder, act))
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if hf.get(flag):
-                raise ValueError("%s sets %s, which this model does not implement" % (folder, flag))
-        if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-            raise ValueError("%s uses layer_norm_epsilon=%s; GPT-2 uses 1e-5" % (folder, hf.get("layer_norm_epsilon")))
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
-                           dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout,
-                           untied_head=not hf.get("tie_word_embeddings", True))
-        model = cls(config)
-        sd = model.state_dict()
-        src = _read_hf_weights(folder)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        loaded = set()
-        for key, w in src.items():
-            if key.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # causal-mask buffers, not weights
-            name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
-            if name not in sd:
-                raise ValueError("unexpected weight %r in %s" % (key, folder))
-            if name.endswith(transposed):
-                w = w.t()  # GPT-2 stores these as Conv1D: (in, out)
-            if w.shape != sd[name].shape:
-                raise ValueError("weight %r has shape %s, expected %s" % (key, tuple(w.shape), tuple(sd[name].shape)))
-            with torch.no_grad():
-                sd[name].copy_(w)
-            loaded.add(name)
-        missing = set(sd) - loaded - (set() if config.untied_head else {"lm_head.weight"})  # a tied lm_head is wte
-        if missing:
-            raise ValueError("%s lacks weights: %s" % (folder, ", ".join(sorted(missing)[:5])))
-        return model
-
-
-class _DecodeStep:
-    """The one-token step with fixed input buffers, captured once as a CUDA graph (``graph``) or
-    run eagerly; call it with the last token (B, 1) and its position."""
-
-    def __init__(self, model: GPT, cache: KVCache, batch: int, graph: bool):
-        dev = cache.k.device
-        self.model, self.cache = model, cache
-        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.pos = torch.full((1,), cache.pos, dtype=torch.long, device=dev)
-        self.graph = None
-        if graph:
-            # autocast's weight cache would live outside the graph's memory: cast inside it instead.
-            # Warm-up and capture write a key/value at cache.pos, which the real step overwrites.
-            amp = torch.autocast(dev.type, dtype=torch.get_autocast_dtype(dev.type),
-                                 enabled=torch.is_autocast_enabled(dev.type), cache_enabled=False)
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side), amp:
-                for _ in range(2):
-                    model.decode_step(self.idx, self.pos, cache)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph), amp:
-                self.logits = model.decode_step(self.idx, self.pos, cache)
-
-    def __call__(self, last, pos: int):
-        self.idx.copy_(last)
-        self.pos.fill_(pos)
-        if self.graph is None:
-            return self.model.decode_step(self.idx, self.pos, self.cache)
-        self.graph.replay()
-        return self.logits
-
-
-def _generation_attention(device_type: str):
-    """Generation changes the attention shape at every token. cuDNN's attention builds a plan per
-    new shape (tens of ms each), so leave it out here and let flash / memory-efficient run."""
-    if device_type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                vocab_limit: int | None = None, generator: torch.Generator | None = None):
-    """Pick the next token from logits (B, V) -> (B, 1)."""
-    # masked_fill, not boolean indexing: indexing waits for the GPU to count the mask, at every token
-    logits = logits.float()
-    if vocab_limit is not None and vocab_limit < logits.size(-1):
-        logits = logits.clone()
-        logits[:, vocab_limit:] = -float("inf")
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # keep the token that crosses top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
-        logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
-
-
-def hf_folder(name_or_path: str) -> str:
-    """A local folder with config.json and weights: as given, or downloaded from the hub."""
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise FileNotFoundError("%s has no config.json; expected a folder written by save_pretrained" % name_or_path)
-        return name_or_path
-    if name_or_path not in HUB_NAMES:
-        raise FileNotFoundError("%r is neither a GPT-2 name (%s) nor a folder" % (name_or_path, ", ".join(HUB_NAMES)))
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ImportError("loading %s needs huggingface_hub: pip install 'nanogpt[hf]'" % name_or_path) from None
-    return snapshot_download(HUB_NAMES[name_or_path], allow_patterns=["config.json", "*.safetensors"])
-
-
-def _read_hf_weights(folder: str) -> dict:
-    st = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(st):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError("reading %s needs safetensors: pip install safetensors" % st) from None
-        return load_file(st)
-    pt = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError("%s has neither model.safetensors nor pytorch_model.bin" % folder)
-
-
-def model_args(config: GPTConfig) -> dict:
-    return asdict(config)

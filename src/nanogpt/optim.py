@@ -1,14 +1,74 @@
-"""Optimizers: parameter groups (decay only on matrices and embeddings), the factory that picks
-one by name, StripedAdamW, Muon, and the optimizer-step-in-backward wrapper."""
+"""Optimizers and the learning-rate schedule: their settings, parameter groups (decay only on
+matrices and embeddings), the factory that picks one by name, StripedAdamW, Muon, and the
+optimizer-step-in-backward wrapper."""
 
 from __future__ import annotations
 
 import inspect
+import math
 import sys
+from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from .config import Section, setting
+from .errors import ConfigError
+
+OPTIMIZERS = ("adamw", "striped_adamw", "adafactor", "muon")
+
+
+@dataclass
+class OptimConfig(Section):
+    """The optimizer and its hyper-parameters."""
+
+    optimizer: str = setting("adamw", "Optimizer: 'adamw' (8 bytes of state per parameter), 'striped_adamw' (Adam's first moment, factored second moment: about 4), 'adafactor' (torch's, no momentum: about 0), 'muon' (Muon for the matrices inside the blocks, AdamW for the rest).",
+                             choices=OPTIMIZERS)
+    learning_rate: float = setting(6e-4, "Peak learning rate.", gt=0)
+    weight_decay: float = setting(1e-1, "Decoupled weight decay, applied to parameters with 2 or more dimensions only.", ge=0)
+    beta1: float = setting(0.9, "Adam beta1.", ge=0, lt=1)
+    beta2: float = setting(0.95, "Adam beta2.", ge=0, lt=1)
+    eps: float = setting(1e-8, "Adam epsilon, added outside the square root.", gt=0)
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this value; 0.0 disables clipping.", ge=0, note="0 disables it")
+    muon_lr: float = setting(0.02, "optimizer='muon': peak learning rate of the Muon matrices (the others take learning_rate; one schedule scales both).",
+                             gt=0)
+    muon_momentum: float = setting(0.95, "optimizer='muon': momentum of the Muon matrices (Nesterov).", ge=0, lt=1)
+    optimizer_state_dtype: str = setting("float32", "Dtype of striped_adamw's first moment: 'float32' or 'bfloat16' (stochastic rounding, half the bytes).",
+                                         choices=("float32", "bfloat16"))
+    optimizer_in_backward: bool = setting(False, "Step each parameter inside backward as soon as its gradient is ready and free it: no full set of gradients is held. Needs gradient_accumulation_steps=1, grad_clip=0, one process, no float16.")
+
+    def check(self) -> None:
+        if self.optimizer_state_dtype == "bfloat16" and self.optimizer != "striped_adamw":
+            raise ConfigError("optimizer_state_dtype='bfloat16' works with optimizer='striped_adamw' only; got optimizer=%r" % self.optimizer)
+        if self.optimizer == "muon" and self.optimizer_in_backward:
+            raise ConfigError("optimizer='muon' cannot step inside backward; pass --optimizer_in_backward=False")
+        if self.optimizer_in_backward and self.grad_clip > 0:
+            raise ConfigError("optimizer_in_backward=True needs grad_clip=0 (clipping needs every gradient at once)")
+
+
+@dataclass
+class ScheduleConfig(Section):
+    """The learning-rate schedule: linear warmup, cosine decay, a floor."""
+
+    decay_lr: bool = setting(True, "Cosine decay of the learning rate after a linear warmup; False keeps it constant.")
+    warmup_iters: int = setting(2000, "Linear warmup steps.", ge=0)
+    lr_decay_iters: int = setting(600000, "Step at which the cosine decay reaches min_lr (about max_iters).", ge=0)
+    min_lr: float = setting(6e-5, "Floor of the learning rate (about learning_rate/10).", ge=0)
+
+    def check(self) -> None:
+        if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
+            raise ConfigError("warmup_iters (%d) must not exceed lr_decay_iters (%d)" % (self.warmup_iters, self.lr_decay_iters))
+
+
+def get_lr(it: int, sched: ScheduleConfig, learning_rate: float) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not sched.decay_lr:
+        return learning_rate
+    if it < sched.warmup_iters:
+        return learning_rate * (it + 1) / (sched.warmup_iters + 1)
+    if it >= sched.lr_decay_iters:
+        return sched.min_lr
+    ratio = (it - sched.warmup_iters) / max(1, sched.lr_decay_iters - sched.warmup_iters)
+    return sched.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - sched.min_lr)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -418,6 +478,8 @@ class OptimizerInBackward:
     post-accumulate-grad hook) and frees that gradient, so no full set of gradients is ever held.
     Presents the parts of the optimizer interface the training loop uses."""
 
+    in_backward = True  # no gradients are left after backward: nothing to clip or measure
+
     def __init__(self, make, groups: list[dict]):
         self.optimizers: dict[torch.Tensor, torch.optim.Optimizer] = {}
         self.order: list[torch.Tensor] = []
@@ -470,7 +532,11 @@ def optimizer_state_bytes(opt) -> int:
                if k != "step" and torch.is_tensor(v))
 
 
-OPTIMIZERS = ("adamw", "striped_adamw", "adafactor", "muon")
+def build(model: torch.nn.Module, cfg: OptimConfig, device_type: str, seed: int = 0):
+    """The optimizer ``cfg`` names, over ``model``'s parameters (see :func:`build_optimizer`)."""
+    return build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type,
+                           eps=cfg.eps, state_dtype=cfg.optimizer_state_dtype, in_backward=cfg.optimizer_in_backward,
+                           seed=seed, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)
 
 
 def build_optimizer(model: torch.nn.Module, name: str, learning_rate: float, weight_decay: float,

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 
-from .config import UserError, run_cli
+from .errors import UserError, run_command
 from .metrics import FILENAME, read
 
 # fields of an eval record that are not task metrics
@@ -196,7 +196,7 @@ def plot(argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(plot, sys.argv[1:] if argv is None else argv)
+    run_command(plot, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -24,21 +24,18 @@ one document per split; each of its two files ends with that token.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import http.client
-import io
 import json
 import os
-import pickle
 import shutil
 import sys
-import tempfile
-import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 
-from .config import UserError
+from .config import Config, Section, setting
+from .data import load_meta, write_meta  # noqa: F401  (load_meta: the reader of what this writes)
+from .download import fetch, sha256_of
+from .errors import ConfigError, PrepareError, run_command
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -52,83 +49,12 @@ BATCH_CHARS = 1 << 20  # a worker gets about this much text per task
 BATCH_ITEMS = 4096  # and at most this many pieces
 
 
-class PrepareError(UserError):
-    """A data preparation problem the user can fix; the message is one actionable line."""
-
-
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
-# checked downloads
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def mirror_dir(mirror: str | None = None) -> str | None:
-    """The local mirror folder: the argument, else $NANOGPT_DATA_MIRROR, else None."""
-    return mirror or os.environ.get("NANOGPT_DATA_MIRROR") or None
-
-
-def fetch(url: str, dest: str, sha256: str, mirror_relpath: str, mirror: str | None = None) -> str:
-    """Make ``dest`` hold the file published at ``url``, whose sha256 is ``sha256``.
-
-    An existing ``dest`` with that hash is kept. Otherwise the file is copied from
-    ``<mirror>/<mirror_relpath>`` when a mirror is configured (``mirror`` or
-    $NANOGPT_DATA_MIRROR) and holds it, else downloaded. The copy goes to a temporary file beside
-    ``dest``, is checked, and only then renamed into place: a failure leaves no file behind
-    (and an existing ``dest`` untouched). Returns ``dest``.
-    """
-    name = os.path.basename(dest)
-    if os.path.isfile(dest):
-        got = sha256_of(dest)
-        if got == sha256:
-            return dest
-        _log("%s has sha256 %s, not the expected %s: fetching a fresh copy" % (dest, got[:16], sha256[:16]))
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    mdir = mirror_dir(mirror)
-    mirror_file = os.path.join(mdir, mirror_relpath) if mdir else None
-    fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if mirror_file and os.path.isfile(mirror_file):
-                origin = mirror_file
-                with open(mirror_file, "rb") as f:
-                    shutil.copyfileobj(f, out)
-            else:
-                origin = url
-                if mirror_file:
-                    _log("mirror %s has no %s: downloading %s" % (mdir, mirror_relpath, url))
-                else:
-                    _log("downloading %s" % url)
-                try:
-                    with urllib.request.urlopen(url, timeout=60) as r:
-                        shutil.copyfileobj(r, out)
-                except (OSError, ValueError, http.client.HTTPException) as e:
-                    reason = getattr(e, "reason", None) or e
-                    where = "no mirror holds it" if not mirror_file else "mirror %s lacks it too" % mdir
-                    raise PrepareError("download of %s failed (%s) and %s; offline, set NANOGPT_DATA_MIRROR or --mirror "
-                                       "to a folder with %s" % (url, reason, where, mirror_relpath)) from None
-        got = sha256_of(tmp)
-        if got != sha256:
-            if origin == url:
-                todo = "retry, or put a good copy at %s" % dest
-            else:
-                todo = "replace the mirror's copy, or unset NANOGPT_DATA_MIRROR/--mirror to download it"
-            raise PrepareError("%s from %s has sha256 %s, expected %s; %s" % (name, origin, got, sha256, todo))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+# tiny Shakespeare's text
 
 
 def shakespeare_input(out_dir: str, mirror: str | None = None) -> str:
@@ -169,14 +95,6 @@ def write_tokens(path: str, ids: np.ndarray) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def write_meta(out_dir: str, meta: dict) -> None:
-    tmp = os.path.join(out_dir, "meta.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, "meta.json"))
 
 
 def _read_text(path: str) -> str:
@@ -606,102 +524,74 @@ def _split_tail(train_tmp: str, val_tmp: str, dtype: np.dtype, share: float) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# reading meta
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """nanoGPT's meta.pkl holds only dicts, strings and ints, which unpickle without looking up
-    any class or function; every such lookup is refused, so nothing can be imported or run."""
-
-    def find_class(self, module, name):
-        raise PrepareError("meta.pkl asks for %s.%s: refusing to unpickle anything but plain dicts, lists, "
-                           "strings and numbers; re-create it, or write a meta.json" % (module, name))
-
-
-def load_meta(data_dir: str) -> dict | None:
-    """The meta dict of a dataset folder, from ``meta.json`` or else a legacy nanoGPT
-    ``meta.pkl`` (read without running or importing anything); None when it has neither.
-    ``itos`` keys are ints; ``dtype`` defaults to ``"uint16"``."""
-    path = os.path.join(data_dir, "meta.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PrepareError("%s is not valid JSON (%s); prepare the dataset again" % (path, e)) from None
-    else:
-        path = os.path.join(data_dir, "meta.pkl")
-        if not os.path.isfile(path):
-            return None
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            meta = _PlainUnpickler(io.BytesIO(data)).load()
-        except PrepareError:
-            raise
-        except Exception as e:  # truncated or foreign data: pickle raises many kinds
-            raise PrepareError("%s cannot be read (%s: %s); prepare the dataset again"
-                               % (path, type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")) from None
-    if not isinstance(meta, dict):
-        raise PrepareError("%s holds a %s, not a dict; prepare the dataset again" % (path, type(meta).__name__))
-    if isinstance(meta.get("itos"), dict):
-        try:
-            meta["itos"] = {int(k): v for k, v in meta["itos"].items()}
-        except (TypeError, ValueError):
-            raise PrepareError("%s: 'itos' keys must be integers" % path) from None
-    meta.setdefault("dtype", "uint16")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise PrepareError("%s: dtype %r is not uint16 or uint32" % (path, meta["dtype"]))
-    return meta
-
-
-# --------------------------------------------------------------------------------------------
 # command line
 
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext", "corpus")
 
 
-def _parser(name: str | None) -> argparse.ArgumentParser:
-    prog = "nanogpt prepare" if name is None else "python data/%s/prepare.py" % name
-    p = argparse.ArgumentParser(prog=prog, description="Prepare a dataset: train.bin, val.bin and meta.json.")
-    if name is None:
-        p.add_argument("name", choices=DATASETS, help="which dataset")
-    p.add_argument("--out_dir", help="output folder (default: %s)" % ("data/<name>" if name is None else "this folder"))
-    p.add_argument("--mirror", help="local folder mirroring the downloads (default: $NANOGPT_DATA_MIRROR)")
-    if name in (None, "openwebtext", "corpus"):
-        p.add_argument("--source", help="a .txt/.jsonl/.json file or folder, or a Hugging Face dataset name "
-                                        "(openwebtext default: %s)" % OPENWEBTEXT_HF)
-        p.add_argument("--text_field", default="text", help="JSON field / dataset column with the text (default: text)")
-        p.add_argument("--val_fraction", type=float, default=0.0005,
-                       help="share of documents held out for val.bin (default: 0.0005)")
-        p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: min(8, CPUs))")
-        p.add_argument("--split", "--hf_split", dest="split", default="train",
-                       help="Hugging Face split to read (default: train)")
-        p.add_argument("--seed", type=int, default=2357, help="seed of the train/val document shuffle (default: 2357)")
-    return p
+@dataclass
+class PrepareSettings(Section):
+    """Where a dataset is prepared, and from what (source and the rest: openwebtext and corpus)."""
+
+    out_dir: str = setting("", "Output folder (default: data/<name>, or the folder of data/<name>/prepare.py).", path="out")
+    mirror: str = setting("", "Local folder mirroring the downloads (default: $NANOGPT_DATA_MIRROR).", path="dir")
+    source: str = setting("", "A .txt/.jsonl/.json file or a folder of them, or a Hugging Face dataset name (openwebtext: %s)."
+                          % OPENWEBTEXT_HF)
+    text_field: str = setting("text", "JSON field / dataset column with the text.")
+    val_fraction: float = setting(0.0005, "Share of documents held out for val.bin.", ge=0, lt=1)
+    num_proc: int = setting(0, "Tokenizer processes (0: min(8, CPUs)).", ge=0)
+    split: str = setting("train", "Hugging Face split to read.")
+    seed: int = setting(2357, "Seed of the train/val document shuffle.")
+
+    def check(self) -> None:
+        if not self.text_field:
+            raise ConfigError("text_field must name the JSON field or column that holds the text; got ''")
+
+
+class PrepareConfig(Config):
+    """Every key of ``nanogpt prepare`` and ``data/<name>/prepare.py``."""
+
+    sections = (("prepare", PrepareSettings),)
+
+
+def prepare(name: str, cfg: PrepareConfig, default_out: str | None = None) -> dict:
+    """Prepare dataset ``name`` as ``cfg`` says; returns its meta dict. A folder this created is
+    removed again when preparation fails, so a failure leaves nothing behind."""
+    if name not in DATASETS:
+        raise ConfigError("unknown dataset %r; choose one of %s" % (name, ", ".join(DATASETS)))
+    cfg.validate()
+    out = cfg.out_dir or default_out or os.path.join("data", name)
+    created = not os.path.exists(out)
+    try:
+        if name in ("shakespeare_char", "shakespeare"):
+            if cfg.source:
+                raise PrepareError("--source is for openwebtext and corpus; %s always reads tiny Shakespeare" % name)
+            return (prepare_shakespeare_char if name == "shakespeare_char" else prepare_shakespeare)(out, cfg.mirror or None)
+        source = cfg.source or (OPENWEBTEXT_HF if name == "openwebtext" else None)
+        if not source:
+            raise PrepareError("corpus needs --source=PATH (a .txt/.jsonl/.json file or a folder of them) "
+                               "or --source=HF_DATASET_NAME")
+        return prepare_corpus(out, source, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
+                              num_proc=cfg.num_proc or None, hf_split=cfg.split, seed=cfg.seed, mirror=cfg.mirror or None)
+    except BaseException:
+        if created and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        raise
 
 
 def main(argv: list[str] | None = None, name: str | None = None, out_dir: str | None = None) -> None:
-    """``nanogpt prepare NAME [options]``; with ``name`` given (the per-dataset scripts) the
-    positional argument is left out and ``out_dir`` is the default output folder."""
-    args = _parser(name).parse_args(sys.argv[1:] if argv is None else argv)
-    name = name or args.name
-    out = args.out_dir or out_dir or os.path.join("data", name)
-    try:
-        if name in ("shakespeare_char", "shakespeare"):
-            if getattr(args, "source", None):
-                raise PrepareError("--source is for openwebtext and corpus; %s always reads tiny Shakespeare" % name)
-            (prepare_shakespeare_char if name == "shakespeare_char" else prepare_shakespeare)(out, args.mirror)
+    """``nanogpt prepare NAME [--key=value ...]``; with ``name`` given (the per-dataset scripts)
+    there is no positional argument and ``out_dir`` is the default output folder."""
+    def run(args: list[str]) -> None:
+        if name is None:
+            if not args or args[0].startswith("-"):
+                if args and args[0] in ("-h", "--help"):
+                    PrepareConfig.parse(args)
+                raise ConfigError("name the dataset: nanogpt prepare {%s} [--key=value ...]" % ",".join(DATASETS))
+            prepare(args[0], PrepareConfig.parse(args[1:]), out_dir)
         else:
-            source = args.source or (OPENWEBTEXT_HF if name == "openwebtext" else None)
-            if not source:
-                raise PrepareError("corpus needs --source=PATH (a .txt/.jsonl/.json file or a folder of them) "
-                                   "or --source=HF_DATASET_NAME")
-            prepare_corpus(out, source, text_field=args.text_field, val_fraction=args.val_fraction,
-                           num_proc=args.num_proc, hf_split=args.split, seed=args.seed, mirror=args.mirror)
-    except UserError as e:
-        print("error: %s" % e, file=sys.stderr)
-        sys.exit(2)
+            prepare(name, PrepareConfig.parse(args), out_dir)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

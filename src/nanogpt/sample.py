@@ -6,104 +6,107 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint, runtime
-from .config import ConfigError, SampleConfig, UserError, load_config, run_cli
-from .model import GPT
-
-GPT2_BPE_VOCAB = 50257  # tokens of GPT-2 BPE
-
-
-def load_model(init_from: str, out_dir: str) -> tuple[GPT, dict | None]:
-    """A model for inference and the dataset name it was trained on (None for GPT-2 weights)."""
-    if init_from == "resume":
-        model, ckpt = checkpoint.load_model(os.path.join(out_dir, "ckpt.pt"))
-        return model, ckpt.get("config") or {}
-    try:
-        return GPT.from_pretrained(init_from, dropout=0.0), None
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError("cannot load %s: %s" % (init_from, e)) from None
+from . import runtime
+from .checkpoint import load_for_inference
+from .config import Config, Section, check_init_from, check_path, setting
+from .errors import ConfigError, run_command
+from .generate import generate
+from .runtime import RuntimeConfig
+from .tokenizer import vocabulary_for
 
 
-def tokenizer_for(train_config: dict | None, data_root: str, model_vocab: int | None = None):
-    """The character vocabulary of the training data when it has one, else GPT-2 BPE. A model
-    with fewer entries than GPT-2 BPE cannot use it: without its meta.json that is an error
-    naming --data_root, raised before BPE files are looked for."""
-    from .prepare import load_meta
-    from .tokenizer import load_tokenizer
-    meta = None
-    if train_config and train_config.get("dataset"):
-        for root in (data_root, train_config.get("data_root")):  # --data_root first, then training's
-            folder = os.path.join(root or "", train_config["dataset"])
-            if root and os.path.isdir(folder):
-                meta = load_meta(folder)
-                if meta:  # a folder without meta.json (say, a fresh clone's data/) is not the dataset
-                    break
-    if meta is None and model_vocab is not None and model_vocab < GPT2_BPE_VOCAB:
-        dataset = (train_config or {}).get("dataset") or "the dataset"
-        raise UserError("the model has %d vocabulary entries, too few for GPT-2 BPE, and the meta.json of %s was not "
-                        "found; pass --data_root=FOLDER holding %s/" % (model_vocab, dataset, dataset))
-    return load_tokenizer(meta), (meta or {}).get("vocab_size")
+@dataclass
+class SampleSettings(Section):
+    """What sample.py generates, and from which model."""
+
+    init_from: str = setting("resume", "'resume' (from out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or a local Hugging Face folder.")
+    out_dir: str = setting("out", "Folder holding ckpt.pt when init_from='resume'.")
+    start: str = setting("\n", "Prompt text, or 'FILE:path' to read the prompt from a file.")
+    num_samples: int = setting(10, "Number of samples to draw.", gt=0)
+    max_new_tokens: int = setting(500, "Tokens generated per sample.", gt=0)
+    temperature: float = setting(0.8, "Softmax temperature; 0 means greedy decoding.", ge=0, note="0 = greedy")
+    top_k: int = setting(200, "Keep only the k most likely tokens (0 disables).", ge=0, note="0 disables it")
+    top_p: float = setting(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 disables).",
+                           gt=0, le=1)
+    kv_cache: bool = setting(True, "Use the key/value cache (False re-runs the whole prefix for every token).")
+    data_root: str = setting("data", "Where dataset folders (with meta.json) are looked up for the character vocabulary.")
+
+    def check(self) -> None:
+        check_init_from(self.init_from, ("resume",))
+        if self.start.startswith("FILE:"):
+            path = self.start[5:]
+            if not os.path.exists(path):
+                raise ConfigError("start=%r: file %r does not exist" % (self.start, path))
+            check_path("start", path, "text")
+
+
+class SampleConfig(Config):
+    """Every key of sample.py."""
+
+    sections = (("sample", SampleSettings), ("runtime", RuntimeConfig))
+    defaults = {"compile": False}
 
 
 def read_start(start: str) -> str:
     if start.startswith("FILE:"):
-        path = start[5:]
-        if not os.path.isfile(path):
-            raise ConfigError("start=%r: file %r does not exist" % (start, path))
-        with open(path, encoding="utf-8") as f:
+        with open(start[5:], encoding="utf-8") as f:
             return f.read()
     return start
 
 
-def main(argv: list[str] | None = None) -> None:
-    run_cli(sample, argv)
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
-def sample(argv: list[str]) -> list[str]:
-    cfg, _ = load_config(SampleConfig, argv)
+def sample(cfg: SampleConfig) -> list[str]:
+    """Draw ``num_samples`` continuations of the prompt; prints and returns them."""
     cfg.validate()
     prompt = read_start(cfg.start)
-    device, device_type, dtype = runtime.setup(cfg.device, cfg.dtype, cfg.seed)
-
-    model, train_config = load_model(cfg.init_from, cfg.out_dir)
-    model.eval().to(device)
-    ctx = runtime.autocast(device_type, dtype)
-    if device_type == "cuda" and dtype != "float32":
+    rt = runtime.setup(cfg.runtime, log=_err)
+    model, train_config = load_for_inference(cfg.init_from, cfg.out_dir)
+    model.eval().to(rt.device)
+    ctx = rt.autocast()
+    if rt.device_type == "cuda" and rt.dtype != "float32":
         # inference needs no float32 master weights: cast once instead of at every step under autocast
-        model.to(getattr(torch, dtype))
+        model.to(runtime.PTDTYPE[rt.dtype])
         ctx = contextlib.nullcontext()
-    tok, vocab_limit = tokenizer_for(train_config, cfg.data_root, model.config.vocab_size)
+    vocab = vocabulary_for(train_config, cfg.data_root, model.config.vocab_size)
     if cfg.compile:
-        why = runtime.compile_blocker(device_type)
+        why = runtime.compile_blocker(rt.device_type)
         if why:
-            print("compile: disabled (%s); running eagerly" % why, file=sys.stderr)
+            _err("compile: disabled (%s); running eagerly" % why)
         else:  # the prompt pass has varying lengths (dynamic shapes); the one-token step has fixed ones
             model.forward = torch.compile(model.forward, dynamic=True)
             model.decode_step = torch.compile(model.decode_step, dynamic=False)
 
-    ids = tok.encode(prompt)  # a character outside a char vocabulary is a one-line TokenizerError
+    ids = vocab.tokenizer.encode(prompt)  # a character outside a char vocabulary is a one-line TokenizerError
     if not ids:
         raise ConfigError("start is empty after tokenisation; give at least one token of prompt")
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+    x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None, ...]  # (1, T)
+    rt.threads.settle(_err)
     outputs = []
     t0 = time.time()
     with torch.no_grad(), ctx:
         for _ in range(cfg.num_samples):
-            y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                    top_p=cfg.top_p, use_cache=cfg.kv_cache, vocab_limit=vocab_limit)
-            text = tok.decode(y[0].tolist())
+            y = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                         top_p=cfg.top_p, use_cache=cfg.kv_cache, vocab_limit=vocab.limit)
+            text = vocab.tokenizer.decode(y[0].tolist())
             outputs.append(text)
             print(text)
-            print("---------------")
-    runtime.synchronize(device_type)
+            print("---------------", flush=True)
+    rt.synchronize()
     dt = time.time() - t0
-    vocab = "characters of %s" % train_config["dataset"] if hasattr(tok, "stoi") else "GPT-2 BPE"
-    print("%d samples x %d tokens in %.2f s (%.0f tokens/s, %s)"
-          % (cfg.num_samples, cfg.max_new_tokens, dt, cfg.num_samples * cfg.max_new_tokens / dt, vocab), file=sys.stderr)
+    _err("%d samples x %d tokens in %.2f s (%.0f tokens/s, %s)"
+         % (cfg.num_samples, cfg.max_new_tokens, dt, cfg.num_samples * cfg.max_new_tokens / dt, vocab.name))
     return outputs
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(lambda args: sample(SampleConfig.parse(args)), argv)
 
 
 if __name__ == "__main__":

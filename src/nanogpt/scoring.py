@@ -1,0 +1,368 @@
+"""Scoring a model: perplexity, bits per byte, HellaSwag-style multiple choice and LAMBADA,
+used by ``eval.py`` and by training's ``eval_tasks``.
+
+Three measurements, each a full, deterministic pass (no sampling, same numbers every run):
+
+* **Perplexity** of a dataset split (``--dataset=NAME --split=val``, the token file that
+  ``nanogpt prepare`` wrote) or of a UTF-8 text file (``--text_file=PATH``). Windows of
+  ``block_size`` tokens advance by ``stride``; every token after the first is scored exactly
+  once, in the first window that holds it as a prediction target beyond what earlier windows
+  scored, so a stride below the window length gives tokens more context at more compute.
+  Reported: the token-weighted mean loss in nats, its exponential (perplexity), and bits per byte,
+  the summed loss / ln 2 / the UTF-8 bytes of the scored tokens. ``<|endoftext|>`` marks a
+  document boundary, not text, and counts zero bytes; the model still pays for predicting it.
+* **Zero-shot multiple choice in the HellaSwag format**: jsonl lines with ``ctx``, ``endings`` and
+  ``label``. Context and ``" " + ending`` are tokenised separately and joined; an input longer
+  than the window loses tokens from the left. ``acc`` picks the ending with the largest summed
+  log-probability of its tokens, ``acc_norm`` the largest mean per token (normalised by token
+  count, not by bytes as lm-evaluation-harness does). For orientation, GPT-2 124M on the 10,042
+  validation examples scores about acc 0.286 / acc_norm 0.296 this way; lm-evaluation-harness's
+  byte normalisation and its own text clean-up report acc_norm about 0.311.
+* **LAMBADA last-word accuracy**: jsonl lines ``{"text": ...}``. The target is the last word with
+  its leading space, the context everything before that space; an example counts as correct when
+  the greedy prediction at every target position is the target token. Also reported: the mean over
+  examples of the target's summed loss, and its exponential (the perplexity lm-evaluation-harness
+  reports for LAMBADA).
+
+Logits of padded vocabulary entries (ids the tokenizer never produces) are left out of every
+softmax. ``run_tasks`` runs the file-based tasks from a training loop (``eval_tasks``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .errors import ConfigError, UserError
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
+LAMBADA_SHA256 = "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"  # 5,153 lines
+# task -> (address, sha256 or None when none is published, path inside a data mirror)
+DOWNLOADS = {
+    "hellaswag": (HELLASWAG_URL, None, "hellaswag/hellaswag_val.jsonl"),
+    "lambada": (LAMBADA_URL, LAMBADA_SHA256, "lambada/lambada_test.jsonl"),
+}
+TASKS = ("hellaswag", "lambada", "ppl")
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def vocab_limit(tokenizer, model) -> int | None:
+    """How many leading logits are real tokens; None when all of them are."""
+    n = getattr(tokenizer, "vocab_size", None)
+    return n if n and n < model.config.vocab_size else None
+
+
+def _real_logits(logits: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """float32 logits (..., V) with padded vocabulary entries at -inf."""
+    logits = logits.float()
+    if limit is not None:
+        logits[..., limit:] = float("-inf")
+    return logits
+
+
+def utf8_len(tokenizer, ids) -> int:
+    """UTF-8 bytes of the text that ``ids`` stand for; ``<|endoftext|>`` counts zero."""
+    enc = getattr(tokenizer, "enc", None)
+    if enc is not None:  # byte-level BPE: exact even where one character spans two tokens
+        eot = getattr(tokenizer, "eot_token", None)
+        return len(enc.decode_bytes([int(i) for i in ids if i != eot]))
+    return len(tokenizer.decode(ids).encode("utf-8"))
+
+
+def _bar(total: int, desc: str, unit: str, progress: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, leave=False)
+
+
+def _check_ids(ids: np.ndarray, model, where: str) -> None:
+    top = int(ids.max()) if ids.size else 0
+    if top >= model.config.vocab_size:
+        raise UserError("%s holds token id %d but the model's vocabulary has %d entries; evaluate it with the model "
+                        "(and tokenizer) it was prepared for" % (where, top, model.config.vocab_size))
+
+
+# --------------------------------------------------------------------------------------------
+# perplexity
+
+
+def iter_windows(n_tokens: int, window: int, stride: int):
+    """(begin, end, first) per window over ``n_tokens`` tokens: the model reads tokens
+    [begin, end) and predicts tokens begin+1 .. end, of which those from index ``first`` on are
+    scored in this window. Together the windows score every token from index 1 on exactly once."""
+    done, begin = 0, 0  # tokens 1 .. done are scored
+    while done < n_tokens - 1:
+        end = min(begin + window, n_tokens - 1)
+        yield begin, end, done + 1
+        done, begin = end, begin + stride
+
+
+def window_count(n_tokens: int, window: int, stride: int) -> int:
+    return 1 + max(0, -(-(n_tokens - 1 - window) // stride))
+
+
+@torch.no_grad()
+def perplexity(model, tokens, tokenizer, device: str, ctx, window: int, stride: int, batch_size: int = 8,
+               max_windows: int = 0, progress: bool = True, where: str = "the text") -> dict:
+    """Mean loss (nats per token), perplexity and bits per byte of ``tokens`` (a 1-D array, a
+    memory map is fine), scored in windows of ``window`` tokens that advance by ``stride``."""
+    n = len(tokens)
+    if n < 2:
+        raise UserError("%s has %d token(s); perplexity needs at least 2 (the first is context only)" % (where, n))
+    if not 0 < stride <= window <= model.config.block_size:
+        raise ConfigError("need 0 < stride (%d) <= block_size (%d) <= the model's context (%d)"
+                          % (stride, window, model.config.block_size))
+    limit = vocab_limit(tokenizer, model)
+    total = window_count(n, window, stride)
+    if max_windows:
+        total = min(total, max_windows)
+    spans = itertools.islice(iter_windows(n, window, stride), total)
+    nll, scored, nbytes = 0.0, 0, 0
+    with _bar(total, "perplexity", "window", progress) as bar:
+        while True:
+            batch = list(itertools.islice(spans, batch_size))
+            if not batch:
+                break
+            T = max(end - begin for begin, end, _ in batch)
+            x = np.zeros((len(batch), T), dtype=np.int64)  # (B, T) right-padded; causal attention never sees the padding
+            y = np.full((len(batch), T), -1, dtype=np.int64)  # (B, T) -1 = not scored here
+            for i, (begin, end, first) in enumerate(batch):
+                chunk = np.asarray(tokens[begin:end + 1], dtype=np.int64)  # inputs and their targets
+                s = first - 1 - begin  # first scored position of this window
+                x[i, :end - begin] = chunk[:-1]
+                y[i, s:end - begin] = chunk[s + 1:]
+                nbytes += utf8_len(tokenizer, chunk[s + 1:].tolist())
+            _check_ids(np.concatenate([x.ravel(), y[y >= 0]]), model, where)
+            xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            with ctx:
+                logits, _ = model(xt)  # (B, T, V)
+            logits = _real_logits(logits, limit)
+            nll += F.cross_entropy(logits.view(-1, logits.size(-1)), yt.view(-1), ignore_index=-1,
+                                   reduction="sum").item()
+            scored += int((y >= 0).sum())
+            bar.update(len(batch))
+    loss = nll / scored
+    return {"loss": loss, "ppl": math.exp(loss), "bpb": nll / math.log(2) / nbytes if nbytes else None,
+            "tokens": scored, "bytes": nbytes}
+
+
+# --------------------------------------------------------------------------------------------
+# scoring continuations (HellaSwag, LAMBADA)
+
+
+@torch.no_grad()
+def score_continuations(model, pairs, device: str, ctx, window: int, batch_size: int = 8,
+                        limit: int | None = None, progress: bool = False, desc: str = "scoring") -> list:
+    """For each (context ids, continuation ids): (summed log-probability of the continuation's
+    tokens, how many were scored, whether greedy decoding predicts every one of them). Inputs
+    longer than ``window`` lose tokens from the left; a continuation longer than the window is
+    scored on its last ``window`` tokens."""
+    out = []
+    with _bar(len(pairs), desc, "row", progress) as bar:
+        for start in range(0, len(pairs), batch_size):
+            rows = []
+            for context, cont in pairs[start:start + batch_size]:
+                seq = (list(context) + list(cont))[-(window + 1):]
+                rows.append((seq, min(len(cont), len(seq) - 1)))
+            T = max(len(seq) for seq, _ in rows) - 1
+            x = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T) right-padded
+            y = torch.full((len(rows), T), -1, dtype=torch.long)  # (B, T) -1 = not scored
+            for i, (seq, k) in enumerate(rows):
+                L = len(seq) - 1
+                x[i, :L] = torch.tensor(seq[:-1])
+                y[i, L - k:L] = torch.tensor(seq[L - k + 1:])
+            x, y = x.to(device), y.to(device)
+            with ctx:
+                logits, _ = model(x)  # (B, T, V)
+            mask = y >= 0
+            picked = _real_logits(logits[mask], limit)  # (N, V), row by row
+            target = y[mask]  # (N,)
+            logp = picked.log_softmax(dim=-1).gather(1, target[:, None])[:, 0]  # (N,)
+            greedy = picked.argmax(dim=-1) == target  # (N,)
+            counts = mask.sum(dim=1).tolist()
+            for lp, g, k in zip(logp.cpu().double().split(counts), greedy.cpu().split(counts), counts):
+                out.append((lp.sum().item(), k, bool(g.all())))
+            bar.update(len(rows))
+    return out
+
+
+def _read_jsonl(path: str, limit: int, task: str) -> list[tuple[int, dict]]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError("%s line %d is not valid JSON (%s); is it a %s jsonl file?" % (path, lineno, e.msg, task)) from None
+                if limit and len(rows) >= limit:
+                    break
+    except UnicodeDecodeError:
+        raise UserError("%s is not UTF-8 text; expected a %s jsonl file" % (path, task)) from None
+    if not rows:
+        raise UserError("%s holds no examples" % path)
+    return rows
+
+
+def _encode(tokenizer, text: str, path: str, example: int) -> list[int]:
+    try:
+        return tokenizer.encode(text)
+    except UserError as e:  # a character outside a character vocabulary
+        raise UserError("%s example %d: %s" % (path, example, e)) from None
+
+
+def read_hellaswag(path: str, limit: int = 0) -> list[tuple[str, list[str], int]]:
+    """(ctx, endings, label) of each line of a HellaSwag-format jsonl file."""
+    out = []
+    for lineno, row in _read_jsonl(path, limit, "HellaSwag"):
+        ctx, endings, label = (row.get(k) for k in ("ctx", "endings", "label")) if isinstance(row, dict) else (None,) * 3
+        try:
+            label = int(label)
+        except (TypeError, ValueError):
+            label = None
+        if not isinstance(ctx, str) or not isinstance(endings, list) or not endings or \
+                not all(isinstance(e, str) for e in endings) or label is None or not 0 <= label < len(endings):
+            raise UserError("%s line %d: expected {\"ctx\": str, \"endings\": [str, ...], \"label\": index of the "
+                            "right ending}" % (path, lineno))
+        out.append((ctx, endings, label))
+    return out
+
+
+def read_lambada(path: str, limit: int = 0) -> list[tuple[str, str]]:
+    """(context, target) of each line of a LAMBADA-format jsonl file: the target is the last
+    word with its leading space, the context everything before that space."""
+    out = []
+    for lineno, row in _read_jsonl(path, limit, "LAMBADA"):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise UserError("%s line %d: expected {\"text\": str}" % (path, lineno))
+        context, _, word = text.rstrip().rpartition(" ")
+        if not context.strip() or not word:
+            raise UserError("%s line %d: the text needs words before its last word" % (path, lineno))
+        out.append((context, " " + word))
+    return out
+
+
+def hellaswag(model, path: str, tokenizer, device: str, ctx, window: int, batch_size: int = 8, limit: int = 0,
+              progress: bool = True, details: bool = False) -> dict:
+    """acc, acc_norm and n on a HellaSwag-format file; ``details`` adds each example's summed
+    and mean log-probabilities per ending."""
+    examples = read_hellaswag(path, limit)
+    pairs, sizes = [], []
+    for i, (text, endings, _) in enumerate(examples):
+        context = _encode(tokenizer, text, path, i + 1)
+        if not context:
+            raise UserError("%s example %d: ctx is empty after tokenisation" % (path, i + 1))
+        sizes.append(len(endings))
+        pairs.extend((context, _encode(tokenizer, " " + e, path, i + 1)) for e in endings)
+    scores = score_continuations(model, pairs, device, ctx, window, batch_size, vocab_limit(tokenizer, model),
+                                 progress, "hellaswag")
+    acc = acc_norm = 0
+    per_example = []
+    it = iter(scores)
+    for (_, _, label), k in zip(examples, sizes):
+        rows = [next(it) for _ in range(k)]
+        total = [lp for lp, _, _ in rows]
+        mean = [lp / max(n, 1) for lp, n, _ in rows]
+        acc += max(range(k), key=total.__getitem__) == label
+        acc_norm += max(range(k), key=mean.__getitem__) == label
+        per_example.append({"logprob": total, "mean_logprob": mean, "label": label})
+    n = len(examples)
+    out = {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    if details:
+        out["examples"] = per_example
+    return out
+
+
+def lambada(model, path: str, tokenizer, device: str, ctx, window: int, batch_size: int = 8, limit: int = 0,
+            progress: bool = True, details: bool = False) -> dict:
+    """acc, the mean summed loss of the target word (nats), its perplexity and n on a
+    LAMBADA-format file; ``details`` adds each example's (log-probability, tokens, correct)."""
+    examples = read_lambada(path, limit)
+    pairs = [(_encode(tokenizer, c, path, i + 1), _encode(tokenizer, t, path, i + 1)) for i, (c, t) in enumerate(examples)]
+    scores = score_continuations(model, pairs, device, ctx, window, batch_size, vocab_limit(tokenizer, model),
+                                 progress, "lambada")
+    n = len(scores)
+    loss = -sum(lp for lp, _, _ in scores) / n
+    out = {"acc": sum(g for _, _, g in scores) / n, "loss": loss, "ppl": math.exp(loss), "n": n}
+    if details:
+        out["examples"] = scores
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# from a training loop
+
+
+def parse_tasks(spec: str) -> dict[str, str]:
+    """``"hellaswag=PATH,lambada=PATH,ppl=PATH"`` -> {task: path}; every file must exist."""
+    tasks: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, eq, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not eq or not path:
+            raise ConfigError("eval_tasks: %r must look like TASK=PATH, e.g. hellaswag=data/eval/hellaswag_val.jsonl" % item)
+        if name not in TASKS:
+            raise ConfigError("eval_tasks: unknown task %r; known tasks: %s" % (name, ", ".join(TASKS)))
+        if name in tasks:
+            raise ConfigError("eval_tasks: task %r is given twice" % name)
+        if not os.path.isfile(path):
+            hint = " (`python eval.py --%s=download ...` caches one under data/eval)" % name if name in DOWNLOADS else ""
+            raise ConfigError("eval_tasks: %s file %r does not exist; give a local file%s" % (name, path, hint))
+        tasks[name] = path
+    return tasks
+
+
+def run_tasks(model, tasks: dict, tokenizer, device: str, ctx, limit: int = 0, batch_size: int = 8,
+              progress: bool = False) -> dict[str, float]:
+    """Run ``parse_tasks``' tasks on ``model`` at its full context; flat metric names such as
+    ``hellaswag/acc_norm``, ``lambada/acc``, ``ppl/bpb``. ``limit`` caps the examples per task
+    (for ``ppl``, the windows). The model is left in the train/eval mode it came in."""
+    was_training = model.training
+    model.eval()
+    window = model.config.block_size
+    out: dict[str, float] = {}
+    try:
+        for name, path in tasks.items():
+            if name == "hellaswag":
+                r = hellaswag(model, path, tokenizer, device, ctx, window, batch_size, limit, progress)
+                out.update({"hellaswag/acc": r["acc"], "hellaswag/acc_norm": r["acc_norm"]})
+            elif name == "lambada":
+                r = lambada(model, path, tokenizer, device, ctx, window, batch_size, limit, progress)
+                out.update({"lambada/acc": r["acc"], "lambada/ppl": r["ppl"]})
+            elif name == "ppl":
+                tokens = np.asarray(encode_file(tokenizer, path, 0), dtype=np.int64)
+                r = perplexity(model, tokens, tokenizer, device, ctx, window, window, batch_size, limit, progress, path)
+                out.update({"ppl/loss": r["loss"], "ppl/ppl": r["ppl"]})
+                if r["bpb"] is not None:
+                    out["ppl/bpb"] = r["bpb"]
+            else:
+                raise ConfigError("eval_tasks: unknown task %r; known tasks: %s" % (name, ", ".join(TASKS)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def encode_file(tokenizer, path: str, max_tokens: int) -> list[int]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError("%s is not UTF-8 text (byte %d); convert it first" % (path, e.start)) from None
+    try:
+        ids = tokenizer.encode(text)
+    except UserError as e:
+        raise UserError("%s: %s" % (path, e)) from None
+    return ids[:max_tokens] if max_tokens else ids
