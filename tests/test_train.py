@@ -14,7 +14,7 @@ import torch
 from nanogpt import checkpoint
 from nanogpt.errors import ConfigError
 from nanogpt.runtime import resolve_dtype
-from helpers import train
+from helpers import assert_one_line_error, run_cli, train
 from nanogpt.optim import get_lr as lr_at
 from nanogpt.train import TrainConfig
 
@@ -26,11 +26,6 @@ TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_emb
 
 def tiny(data_root, out_dir, *extra):
     return TINY + ["--data_root=%s" % data_root, "--out_dir=%s" % out_dir] + list(extra)
-
-
-def run_cli(args, cwd=ROOT, timeout=120):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_loss_goes_down(data_root, tmp_path):
@@ -146,14 +141,6 @@ def test_bf16_refused_where_unsupported(monkeypatch):
 
 # ------------------------------------------------------------------------------------------
 # bad input through the CLI: exit status 2, one line on stderr naming the fix, nothing written
-
-
-def assert_one_line_error(r, *needles):
-    assert r.returncode == 2, r.stdout + r.stderr
-    err = r.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
 
 
 def make_dataset(root, name, train_ids, val_ids=None, meta=None, dtype=np.uint16):

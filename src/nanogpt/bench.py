@@ -86,7 +86,7 @@ def batches(cfg: BenchConfig, device: str):
 def bench(cfg: BenchConfig) -> dict:
     """Time ``steps`` training steps after ``warmup_steps``; prints and returns the figures."""
     cfg.validate()
-    rt = runtime.setup(cfg.runtime)
+    rt = runtime.setup(cfg.runtime, log=None)
     next_batch, loader, source = batches(cfg, rt.device)
     with torch.device(rt.device):  # initialise in place: a 1.5B model builds in seconds on a GPU
         model = GPT(cfg.model)

@@ -86,9 +86,12 @@ def _tensor_bytes(obj) -> int:
 
 def _no_space(folder: str, need: int) -> CheckpointError:
     free = shutil.disk_usage(folder).free
-    return CheckpointError("no room in %s to save the checkpoint: it needs about %s bytes and %s are free; the previous "
-                           "checkpoint is intact: free some space (or lower keep_last_k) and resume with --init_from=resume"
-                           % (folder, f"{need:,}", f"{free:,}"))
+    if os.path.exists(os.path.join(folder, "ckpt.pt")):
+        todo = "the previous checkpoint is intact: free some space (or lower keep_last_k) and resume with --init_from=resume"
+    else:
+        todo = "no checkpoint was written: free some space or choose another --out_dir"
+    return CheckpointError("no room in %s to save the checkpoint: it needs about %s bytes and %s are free; %s"
+                           % (folder, f"{need:,}", f"{free:,}", todo))
 
 
 def save(obj: dict, path: str, name: str = "file") -> None:
@@ -128,7 +131,7 @@ def save_pair(weights: dict, train_state: dict, path: str, keep_last_k: int = 0)
     commit), then the numbered copy (``keep_last_k``) and the removal of what no file names any
     more. Returns the save id."""
     folder = os.path.dirname(os.path.abspath(path))
-    need = _tensor_bytes(weights) + _tensor_bytes(train_state) + (1 << 20)
+    need = int(1.02 * (_tensor_bytes(weights) + _tensor_bytes(train_state))) + (64 << 10)  # tensors and the pickled rest
     if shutil.disk_usage(folder).free < need:
         raise _no_space(folder, need)
     save_id = os.urandom(8).hex()

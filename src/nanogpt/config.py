@@ -247,6 +247,8 @@ class Config:
             where = cls.key_fields().get(key)
             if where is not None and type_name(where[1]) == "str" and not isinstance(value, str):
                 value = text  # --init_from=gpt2, --start=42: strings need no quotes
+            if where is not None and type_name(where[1]) == "float" and text.strip().lower() in ("nan", "inf", "-inf", "infinity"):
+                value = float(text)  # refused with a clear message by the field rules
             cfg.set(key, value, "--%s" % key)
         return cfg
 

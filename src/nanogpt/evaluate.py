@@ -153,7 +153,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
     # task files first: a missing checksum or a failed download should not wait for the model
     files = {task: task_file(task, getattr(cfg, task), cfg) for task in DOWNLOADS if getattr(cfg, task)}
-    rt = runtime.setup(cfg.runtime, log=lambda m: print(m, file=sys.stderr))
+    rt = runtime.setup(cfg.runtime, log=None)
     model, train_config = load_for_inference(cfg.init_from, cfg.out_dir)
     model.eval().to(rt.device)
     ctx = rt.autocast()  # float32 weights, low-precision matmuls: as in training's evaluation

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config, Section, setting
+from .config import Config, Section, looks_binary, setting
 from .data import load_meta, write_meta  # noqa: F401  (load_meta: the reader of what this writes)
 from .download import fetch, sha256_of
 from .errors import ConfigError, PrepareError, run_command
@@ -248,6 +248,9 @@ class _LocalDocuments:
             if not files:
                 raise PrepareError("no .txt, .jsonl or .json files under %s" % source)
             self.files = sorted(files)
+        for p in self.files:
+            if looks_binary(p):
+                raise PrepareError("%s is not UTF-8 text (it looks binary); convert it, or leave it out of --source" % p)
         self.count = sum(1 if p.endswith(TEXT_SUFFIXES) else self._count_json(p) for p in self.files)
 
     @staticmethod
@@ -449,10 +452,10 @@ def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_f
     num_proc = int(num_proc or min(8, os.cpu_count() or 1))
     if num_proc < 1:
         raise PrepareError("num_proc must be at least 1; got %d" % num_proc)
+    docs = open_documents(source, text_field, hf_split, num_proc)  # a bad source fails before any download
     enc = get_encoding(encoding, mirror)  # fails early; also sets the cache folder the workers inherit
     dtype = token_dtype(enc.n_vocab)
     eot = enc.eot_token if append_eot else None
-    docs = open_documents(source, text_field, hf_split, num_proc)
     n = docs.count
     if n == 0:
         raise PrepareError("%s holds no documents" % source)

@@ -66,7 +66,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     """Draw ``num_samples`` continuations of the prompt; prints and returns them."""
     cfg.validate()
     prompt = read_start(cfg.start)
-    rt = runtime.setup(cfg.runtime, log=_err)
+    rt = runtime.setup(cfg.runtime, log=None)
     model, train_config = load_for_inference(cfg.init_from, cfg.out_dir)
     model.eval().to(rt.device)
     ctx = rt.autocast()

@@ -219,6 +219,7 @@ def build_model(cfg, meta: dict | None, log) -> tuple[GPT, dict | None]:
     if cfg.init_from == "resume":
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         ckpt = checkpoint.load(path)
+        checkpoint.model_config(ckpt, path)  # every model setting checked before comparing them
         check_resume_model(cfg, ckpt["model_args"], log)
         return checkpoint.load_model(path, dropout=cfg.dropout)
     log("initialising from GPT-2 weights: %s" % cfg.init_from)
