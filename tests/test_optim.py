@@ -223,10 +223,14 @@ TINY = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_emb
     ["--optimizer=striped_adamw", "--optimizer_state_dtype=bfloat16", "--optimizer_in_backward=True",
      "--gradient_accumulation_steps=1", "--grad_clip=0.0", "--activation_checkpointing=True"],
 ])
-def test_resume_is_bit_exact(data_root, tmp_path, extra):
+def test_resume_is_bit_exact(data_root, tmp_path, extra, capsys):
     common = TINY + extra + ["--data_root=%s" % data_root, "--max_iters=16", "--lr_decay_iters=16", "--eval_interval=8",
                              "--dropout=0.1"]
     straight = train(common + ["--out_dir=%s" % (tmp_path / "a")])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("iter ")]
+    in_backward = "--optimizer_in_backward=True" in extra
+    assert lines and all(("grad norm" in ln) != in_backward for ln in lines)  # no norm exists when it is consumed in backward
+    assert not any("nan" in ln for ln in lines)
     first = train(common + ["--out_dir=%s" % (tmp_path / "b"), "--max_iters=8"])
     second = train(common + ["--out_dir=%s" % (tmp_path / "b"), "--init_from=resume"])
     assert first["history"] + second["history"] == straight["history"]

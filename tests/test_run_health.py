@@ -192,3 +192,99 @@ def test_tensorboard_without_the_package_is_one_clear_error(data_root, tmp_path,
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ConfigError, match="tensorboard_log=True but tensorboard is not installed: pip install tensorboard"):
         train(tiny(data_root, tmp_path, "--max_iters=1", "--tensorboard_log=True"))
+
+
+# ------------------------------------------------------------------------------------------
+# unattended runs: rewinding a fault, saving by the clock, progress
+
+
+def poison_iterations(monkeypatch, bad: set, factor=float("nan"), calls_per_iter: int = 2):
+    """Make the training loss of the forward passes of iterations ``bad`` (counted in calls
+    since the patch, ``calls_per_iter`` micro-steps each) ``loss * factor``."""
+    from nanogpt import model as model_mod
+    forward = model_mod.GPT.forward
+    seen = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = forward(self, idx, targets, **kw)
+        if self.training and targets is not None:
+            it = seen["n"] // calls_per_iter
+            seen["n"] += 1
+            if it in bad:
+                loss = loss * factor
+        return logits, loss
+
+    monkeypatch.setattr(model_mod.GPT, "forward", poisoned)
+    return seen
+
+
+def test_a_nan_loss_is_rewound_skipped_and_logged(data_root, tmp_path, monkeypatch, capsys):
+    """The 7th iteration of the run (iter 6) gets a nan loss: the run goes back to the checkpoint
+    of iter 4, reads on past the batches that led there, and ends with a finite loss."""
+    poison_iterations(monkeypatch, {6})
+    s = train(tiny(data_root, tmp_path, "--max_iters=12", "--eval_interval=4", "--log_interval=1", "--on_loss_fault=rewind",
+                   "--rewind_lr_scale=0.5"))
+    out = capsys.readouterr().out
+    assert "rewind 1 of 3: the loss became nan/inf at iter 6; back to iter 4" in out and "learning rate x0.5" in out
+    assert s["rewinds"] == 1 and s["final_iter"] == 12 and all(x == x for _, x in s["history"])  # no nan logged
+    assert s["iters"] == 12 + 3  # iterations 4, 5 and 6 ran twice
+    recs = metrics.read(str(tmp_path / "metrics.jsonl"))
+    rewinds = [r for r in recs if r["kind"] == "rewind"]
+    assert len(rewinds) == 1 and rewinds[0]["fault_iter"] == 6 and rewinds[0]["iter"] == 4 and rewinds[0]["lr_scale"] == 0.5
+    train_iters = [r["iter"] for r in recs if r["kind"] == "train"]
+    assert train_iters == list(range(12))  # the rewound iterations are logged once, as run again
+    ckpt = checkpoint.load(str(tmp_path / "ckpt.pt"))
+    assert ckpt["iter_num"] == 12 and ckpt["rewinds"] == 1 and ckpt["lr_scale"] == 0.5
+    lrs = {r["iter"]: r["lr"] for r in recs if r["kind"] == "train"}
+    straight = train(tiny(data_root, tmp_path / "plain", "--max_iters=12", "--eval_interval=4", "--log_interval=1"))
+    plain = {r["iter"]: r["lr"] for r in metrics.read(str(tmp_path / "plain" / "metrics.jsonl")) if r["kind"] == "train"}
+    assert lrs[3] == plain[3] and lrs[5] == pytest.approx(plain[5] * 0.5)
+    assert straight["history"][4][1] != [x for i, x in s["history"] if i == 4][-1]  # other batches after the rewind
+
+
+def test_rewinds_stop_after_max_rewinds(data_root, tmp_path, monkeypatch):
+    poison_iterations(monkeypatch, set(range(4, 100)))  # every iteration after the checkpoint goes bad
+    with pytest.raises(UserError, match=r"the loss became nan/inf at iter \d+ after 2 rewind\(s\) \(max_rewinds=2\): stopped"):
+        train(tiny(data_root, tmp_path, "--max_iters=20", "--eval_interval=4", "--log_interval=1", "--on_loss_fault=rewind",
+                   "--max_rewinds=2"))
+    assert checkpoint.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 4
+
+
+def test_a_loss_spike_is_rewound_when_asked(data_root, tmp_path, monkeypatch, capsys):
+    poison_iterations(monkeypatch, {7}, factor=50.0)
+    s = train(tiny(data_root, tmp_path, "--max_iters=10", "--eval_interval=4", "--log_interval=1", "--on_loss_fault=rewind"))
+    out = capsys.readouterr().out
+    assert "rewind 1 of 3: a loss spike at iter 7" in out and s["rewinds"] == 1 and s["loss_spikes"] == 0
+
+
+def test_no_checkpoint_to_rewind_to_is_one_line(data_root, tmp_path, monkeypatch):
+    poison_iterations(monkeypatch, {1})
+    with pytest.raises(UserError, match="no checkpoint has been saved to rewind to"):
+        train(tiny(data_root, tmp_path, "--max_iters=10", "--eval_interval=8", "--log_interval=1", "--on_loss_fault=rewind"))
+
+
+def test_saves_by_wall_time(data_root, tmp_path, monkeypatch, capsys):
+    from nanogpt import train as train_mod
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(train_mod.time, "time", lambda: clock["t"])
+    from nanogpt import trainer
+
+    real_step = trainer.train_step
+
+    def step(*a, **k):
+        clock["t"] += 7.0  # each step takes 7 "seconds"
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    train(tiny(data_root, tmp_path, "--max_iters=7", "--eval_interval=100", "--log_interval=1", "--checkpoint_interval_s=20"))
+    out = capsys.readouterr().out
+    assert out.count("(20 s since the last save)") == 2  # at iters 3 and 6, after 21 s of steps each
+    assert checkpoint.load(str(tmp_path / "ckpt.pt"))["iter_num"] == 7  # and the final one
+
+
+def test_log_lines_show_an_eta_and_a_progress_bar_can_be_asked_for(data_root, tmp_path, capsys):
+    train(tiny(data_root, tmp_path, "--max_iters=4", "--eval_interval=100", "--log_interval=1", "--progress_bar=True"))
+    out = capsys.readouterr()
+    lines = [ln for ln in out.out.splitlines() if ln.startswith("iter ")]
+    assert all(", eta " in ln for ln in lines[:-1]) and ", eta " not in lines[-1]
+    assert "4/4" in out.out + out.err  # tqdm's bar reached the end

@@ -223,3 +223,42 @@ def test_cli_train_then_sample(data_root, tmp_path):
     assert_one_line_error(r, "/no/such/prompt.txt", "does not exist")
     r = run_cli(["sample.py", "--out_dir=%s" % tmp_path, "--device=cpu", "--start=a{b", "--data_root=%s" % data_root])
     assert_one_line_error(r, "outside the dataset's 65-character vocabulary", "'{'")
+
+
+def test_cpu_threads_follow_the_idle_cores(monkeypatch):
+    """threads=0 counts the cores other processes keep busy over the setup window; a quota caps
+    the count; OMP_NUM_THREADS and an explicit --threads are kept."""
+    from nanogpt import runtime
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "_allowed_cpus", lambda: [0, 1])
+    monkeypatch.setattr(runtime, "_cpu_quota", lambda: None)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    readings = iter([(0, 0, 0), (100 + 10, 200, 10)])  # 100 ticks of 200 busy outside this process: one core
+    monkeypatch.setattr(runtime, "_cpu_ticks", lambda cpus: next(readings))
+    lines = []
+    t = runtime.CpuThreads(0, "cpu")
+    t.start()
+    assert t.settle(lines.append) == 1 and set_to == [1]
+    assert lines == ["cpu threads: 1 (1.0 of 2 cores busy with other processes); --threads=N chooses"]
+    readings = iter([(0, 0, 0), (10, 200, 10)])  # idle: both cores, nothing said
+    monkeypatch.setattr(runtime, "_cpu_ticks", lambda cpus: next(readings))
+    lines.clear()
+    t = runtime.CpuThreads(0, "cpu")
+    t.start()
+    assert t.settle(lines.append) == 2 and lines == []
+    monkeypatch.setattr(runtime, "_cpu_quota", lambda: 1.5)
+    readings = iter([(0, 0, 0), (0, 200, 0)])
+    t = runtime.CpuThreads(0, "cpu")
+    t.start()
+    assert t.settle(lines.append) == 1 and "a CPU quota of 1.50 cores" in lines[0]
+    set_to.clear()
+    t = runtime.CpuThreads(3, "cpu")
+    t.start()
+    assert t.settle() == 3 and set_to == [3]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    t = runtime.CpuThreads(0, "cpu")
+    t.start()
+    assert t.settle() is None  # the user's choice stands
+    assert runtime.CpuThreads(0, "cuda").settle() is None  # not the CPU's work
