@@ -77,8 +77,9 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(out, ignore_errors=True)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    worked = failed = in_save = 0
+    verdicts, in_save = [], 0  # per kill: did the resume after it work?
     seen: set = set()
+    readable = True
     for k in range(kills):
         resume = os.path.exists(os.path.join(out, "ckpt.pt"))
         log = open(os.path.join(parent, "kill_resume.log"), "w")
@@ -97,15 +98,19 @@ def main(argv: list[str]) -> None:
         log.close()
         text = open(log.name).read()
         started_ok = running and "error:" not in text and "Traceback" not in text
-        ok, where, it = inspect(out, seen)
-        ok = ok and started_ok
-        worked, failed, in_save = worked + ok, failed + (not ok), in_save + where.startswith("inside")
-        print("kill %d at %.2f s, %s, checkpoint at iter %d: %s" % (k + 1, time.time() - started, where, it,
-              "resumable" if ok else "FAILED: " + (text.strip().splitlines() or ["(no output)"])[-1]), flush=True)
-    final = _final_resume(out, data_root)  # the last word: one more resume that must start, clean up and train
+        if k:  # this start was the resume after the previous kill
+            verdicts.append(readable and started_ok)
+            if not started_ok:
+                print("  the resume after kill %d FAILED: %s" % (k, (text.strip().splitlines() or ["(no output)"])[-1]))
+        readable, where, it = inspect(out, seen)
+        in_save += where.startswith("inside")
+        print("kill %d at %.2f s, %s, checkpoint at iter %d%s" % (k + 1, time.time() - started, where, it,
+              "" if readable else ": UNREADABLE"), flush=True)
+    verdicts.append(readable and _final_resume(out, data_root))  # the resume after the last kill trains and cleans up
+    worked = sum(verdicts)
     print("%d of the kills landed inside a save" % in_save)
-    print("%d kills: %d resumes worked, %d failed" % (kills, worked + final - 1, failed + (not final)))
-    sys.exit(0 if failed == 0 and final else 1)
+    print("%d kills: %d resumes worked, %d failed" % (kills, worked, kills - worked))
+    sys.exit(0 if worked == kills else 1)
 
 
 def _final_resume(out: str, data_root: str) -> bool:

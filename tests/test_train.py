@@ -14,7 +14,7 @@ import torch
 from nanogpt import checkpoint
 from nanogpt.errors import ConfigError
 from nanogpt.runtime import resolve_dtype
-from helpers import assert_one_line_error, run_cli, train
+from helpers import assert_one_line_error, run_cli, run_main, train
 from nanogpt.optim import get_lr as lr_at
 from nanogpt.train import TrainConfig
 
@@ -163,7 +163,7 @@ def bad_data(tmp_path_factory):
     return root
 
 
-def test_cli_bad_input(data_root, bad_data, tmp_path):
+def test_cli_bad_input(data_root, bad_data, tmp_path, capsys):
     base = ["train.py"] + TINY[:-1] + ["--max_iters=2", "--out_dir=%s" % (tmp_path / "o")]
     cases = [
         (["--data_root=%s" % bad_data, "--dataset=nothere"], ["'nothere' not found", "prepare"]),
@@ -177,8 +177,8 @@ def test_cli_bad_input(data_root, bad_data, tmp_path):
         (["--data_root=%s" % data_root, "--dataset=shakespeare_char", "--device=cuda"], ["CUDA is not available", "--device=cpu"]),
         (["--data_root=%s" % data_root, "--dataset=shakespeare_char", "--warmup_iters=100", "--lr_decay_iters=10"], ["warmup_iters (100)"]),
     ]
-    for extra, needles in cases:
-        assert_one_line_error(run_cli(base + extra), *needles)
+    for k, (extra, needles) in enumerate(cases):  # the first as a user runs it, the rest through the same main()
+        assert_one_line_error(run_cli(base + extra) if k == 0 else run_main(base[0], base[1:] + extra, capsys), *needles)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
 
