@@ -1,5 +1,6 @@
 """Time ``optimizer.step()`` alone on a model shape (default GPT-2 XL) with random gradients, on
-CUDA: fused AdamW against StripedAdamW one parameter at a time and multi-tensor (foreach).
+CUDA: fused AdamW against StripedAdamW one parameter at a time, multi-tensor (foreach), and with
+its matrices through the Triton kernels (fused=True, when triton is installed).
 
     python scripts/optimizer_step_time.py [--n_layer=48 --n_head=25 --n_embd=1600] [--steps=20]
 
@@ -20,6 +21,9 @@ def main(argv):
     kw = dict(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024, bias=True)
     steps = 20
     for a in argv:
+        if a in ("-h", "--help"):
+            print(__doc__)
+            return
         k, v = a.lstrip("-").split("=")
         if k == "steps":
             steps = int(v)
@@ -36,6 +40,12 @@ def main(argv):
         ("StripedAdamW, one parameter at a time", lambda: StripedAdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=False)),
         ("StripedAdamW, multi-tensor", lambda: StripedAdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True)),
     ]
+    try:
+        import triton  # noqa: F401
+        variants.append(("StripedAdamW, Triton matrices (fused=True)",
+                         lambda: StripedAdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True, fused=True)))
+    except ImportError:
+        print("triton is not installed: no row for the fused step")
     print("model: %.0fM parameters, torch %s, %s" % (sum(p.numel() for p in model.parameters()) / 1e6,
                                                      torch.__version__, torch.cuda.get_device_name()))
     print("\n| optimizer | step (ms, median) | extra memory during the step (GiB) |")

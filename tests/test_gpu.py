@@ -115,6 +115,30 @@ def test_striped_adamw_on_cuda_matches_cpu():
     assert o_bf.state[p_gpu]["exp_avg"].dtype == torch.bfloat16 and torch.isfinite(p_gpu).all()
 
 
+def test_fused_striped_adamw_equals_the_multi_tensor_path():
+    """The Triton kernels against torch's multi-tensor path, on GPT-2-like matrices and a few odd
+    shapes, over several steps with weight decay."""
+    pytest.importorskip("triton")
+    from nanogpt.optim import StripedAdamW
+    torch.manual_seed(0)
+    shapes = [(768, 2304), (3072, 768), (50304, 768), (33, 17), (1, 130), (768,)]
+    a = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa = StripedAdamW(a, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    ob = StripedAdamW(b, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True, fused=True)
+    for step in range(10):
+        for x, y in zip(a, b):
+            x.grad = torch.randn_like(x) * (1 + step)
+            y.grad = x.grad.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+        for k in oa.state[x]:
+            if k != "step":
+                torch.testing.assert_close(ob.state[y][k], oa.state[x][k], rtol=1e-6, atol=1e-7)
+
+
 def test_cuda_graph_sampling_with_bfloat16_weights():
     """sample.py casts weights to bf16 on CUDA; masked-out cache slots must not poison attention
     (0 * nan = nan), which multinomial would reject."""

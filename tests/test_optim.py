@@ -1,6 +1,9 @@
 """StripedAdamW against its equations and AdamW, and the memory levers."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -307,3 +310,32 @@ def test_multi_tensor_path_equals_one_at_a_time_and_resumes_exactly():
     for (n, a), b, c in zip(models[0].named_parameters(), models[1].parameters(), models[2].parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
         assert torch.equal(b, c), n
+
+
+def test_fused_step_equals_the_multi_tensor_path_under_the_triton_interpreter(tmp_path):
+    """The Triton kernels of StripedAdamW(fused=True), run on the CPU by Triton's interpreter,
+    against the multi-tensor path (on a GPU: tests/test_gpu.py)."""
+    pytest.importorskip("triton")
+    code = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, %r)
+import torch
+from nanogpt.optim import StripedAdamW
+torch.manual_seed(0)
+shapes = [(70, 200), (33, 17), (128, 130), (5,)]
+a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+oa = StripedAdamW(a, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+ob = StripedAdamW(b, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=True, fused=True)
+for step in range(5):
+    for x, y in zip(a, b):
+        x.grad = torch.randn_like(x) * (1 + step)
+        y.grad = x.grad.clone()
+    oa.step(); ob.step()
+for x, y in zip(a, b):
+    torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+print("ok")
+""" % os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

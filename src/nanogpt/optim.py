@@ -181,7 +181,7 @@ class StripedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, state_dtype: torch.dtype | None = None, seed: int = 0,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool = False):
         if lr < 0 or eps < 0 or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError("invalid StripedAdamW hyper-parameters: lr=%r betas=%r eps=%r" % (lr, betas, eps))
         if state_dtype not in (None, torch.float32, torch.bfloat16):
@@ -190,6 +190,7 @@ class StripedAdamW(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self.seed = seed
         self.foreach = foreach  # None: the multi-tensor path on CUDA, one parameter at a time elsewhere
+        self.fused = fused  # matrices on CUDA through the Triton kernels of striped_triton.py (float32 state only)
 
     def _init_state(self, p: torch.Tensor) -> dict:
         st = {"step": 0,  # a Python int: reading it needs no device sync
@@ -231,6 +232,8 @@ class StripedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            if self.fused and self.state_dtype is None:
+                params = self._fused_step(params, group)
             if not params:
                 continue
             fast = self.foreach if self.foreach is not None else params[0].is_cuda
@@ -246,6 +249,22 @@ class StripedAdamW(torch.optim.Optimizer):
             for p in params:
                 self._update(p, group)
         return loss
+
+    @torch.no_grad()
+    def _fused_step(self, params: list, group: dict) -> list:
+        """Step the matrices the Triton kernels can take; return the other parameters."""
+        from . import striped_triton
+        rest = []
+        for p in params:
+            if not striped_triton.usable(p) or p.grad.dtype != torch.float32 or p.grad.is_sparse:
+                rest.append(p)
+                continue
+            st = self.state[p]
+            if not st:
+                st.update(self._init_state(p))
+            st["step"] += 1
+            striped_triton.step_matrix(p, st, group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+        return rest
 
     @torch.no_grad()
     def _foreach_step(self, mats: list, vecs: list, group: dict) -> None:
