@@ -48,10 +48,11 @@ def test_sample_greedy_matches_hugging_face(tmp_path, gpt2_bpe_env, monkeypatch)
 def test_a_dataset_folder_without_meta_is_skipped(data_root, tmp_path):
     """A fresh clone's data/shakespeare_char holds input.txt only: the vocabulary must come from
     the training run's prepared folder, not fall back to GPT-2 BPE."""
-    from nanogpt.tokenizer import tokenizer_for
+    from nanogpt.tokenizer import vocabulary_for
     (tmp_path / "shakespeare_char").mkdir()
-    tok, vocab = tokenizer_for({"dataset": "shakespeare_char", "data_root": str(data_root)}, str(tmp_path))
-    assert vocab == 65 and tok.decode(tok.encode("Hello")) == "Hello" and len(tok.encode("Hello")) == 5
+    v = vocabulary_for({"dataset": "shakespeare_char", "data_root": str(data_root)}, str(tmp_path), 65)
+    tok, vocab = v.tokenizer, v.meta["vocab_size"]
+    assert v.kind == "char" and v.limit is None and vocab == 65 and tok.decode(tok.encode("Hello")) == "Hello" and len(tok.encode("Hello")) == 5
 
 
 def test_a_character_model_without_its_vocabulary_names_data_root(tmp_path, monkeypatch):
@@ -59,10 +60,10 @@ def test_a_character_model_without_its_vocabulary_names_data_root(tmp_path, monk
     so before any BPE file is looked for (offline, that lookup would fail with a network error)."""
     from nanogpt import tokenizer
     from nanogpt.errors import UserError
-    from nanogpt.tokenizer import tokenizer_for
+    from nanogpt.tokenizer import vocabulary_for
 
     def no_bpe(*a, **k):
         raise AssertionError("GPT-2 BPE was looked for")
     monkeypatch.setattr(tokenizer, "load_tokenizer", no_bpe)
     with pytest.raises(UserError, match=r"65 vocabulary entries.*--data_root=FOLDER holding shakespeare_char/"):
-        tokenizer_for({"dataset": "shakespeare_char", "data_root": str(tmp_path / "gone")}, str(tmp_path), 65)
+        vocabulary_for({"dataset": "shakespeare_char", "data_root": str(tmp_path / "gone")}, str(tmp_path), 65)

@@ -271,20 +271,20 @@ class StepReport:
         self.restart()
         return rec
 
-    def _spike(self, it: int, loss: float) -> bool:
-        ema = self.loss_ema
-        spike = bool(self.cfg.loss_spike_factor and ema is not None and loss > self.cfg.loss_spike_factor * ema)
-        if spike:
-            self.spikes += 1
-            self.log("loss spike at iter %d: %.4f is %.1fx the running mean %.4f" % (it, loss, loss / ema, ema))
-        else:  # a spike does not move the mean it is judged against
-            self.loss_ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-        return spike
-
     def is_spike(self, loss: float) -> bool:
-        """Whether ``loss`` would count as a spike now (without recording anything)."""
+        """Whether ``loss`` is a spike against the running mean of the logged losses so far."""
         ema = self.loss_ema
         return bool(self.cfg.loss_spike_factor and ema is not None and loss > self.cfg.loss_spike_factor * ema)
+
+    def _spike(self, it: int, loss: float) -> bool:
+        """Report and count a spike; otherwise move the running mean (a spike does not move the
+        mean it is judged against)."""
+        if self.is_spike(loss):
+            self.spikes += 1
+            self.log("loss spike at iter %d: %.4f is %.1fx the running mean %.4f" % (it, loss, loss / self.loss_ema, self.loss_ema))
+            return True
+        self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        return False
 
     def close(self) -> int:
         """Ends the report; returns the clipped steps counted in all."""

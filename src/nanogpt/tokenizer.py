@@ -172,12 +172,6 @@ def vocabulary_for(train_config: dict | None, data_root: str, model_vocab: int) 
     return Vocabulary(tok, meta, vocabulary_kind(meta, model_vocab), limit, (train_config or {}).get("dataset"))
 
 
-def tokenizer_for(train_config: dict | None, data_root: str, model_vocab: int | None = None):
-    """(tokenizer, vocab_size of the dataset's meta or None): :func:`vocabulary_for` in short."""
-    v = vocabulary_for(train_config, data_root, model_vocab if model_vocab is not None else GPT2_VOCAB)
-    return v.tokenizer, (v.meta or {}).get("vocab_size")
-
-
 # --------------------------------------------------------------------------------------------
 # tokenizer files for a Hugging Face folder
 
