@@ -47,8 +47,9 @@ def check_consistent(folder, allowed_iters, synthetic: bool = True) -> int:
         assert float(state["optimizer"]["state"][0]["exp_avg"][0]) == it and float(ckpt["model"]["w"][0]) == it
     names = os.listdir(folder)
     assert not [n for n in names if ".tmp" in n], names
-    named = {checkpoint.load(str(folder / n))["optim_file"] for n in names if n == "ckpt.pt" or n.startswith("ckpt_")}
-    assert {n for n in names if ".optim." in n} == named, names  # no optimizer file is left that nobody names
+    heads = [torch.load(str(folder / n), weights_only=True) for n in names if n == "ckpt.pt" or n.startswith("ckpt_")]
+    assert {n for n in names if ".optim." in n} == {h["optim_file"] for h in heads}, names  # no optimizer file nobody names
+    assert {n for n in names if n.endswith(".safetensors")} == {h["model_file"] for h in heads if "model_file" in h}, names
     for n in names:
         if n.startswith("ckpt_"):  # every numbered copy is whole too
             c = checkpoint.load(str(folder / n))
@@ -56,30 +57,36 @@ def check_consistent(folder, allowed_iters, synthetic: bool = True) -> int:
     return it
 
 
-def save_steps(folder, keep: int) -> list[str]:
+def save_steps(folder, keep: int, fmt: str = "torch") -> list[str]:
     """The steps a save at iteration 3 takes after saves at 1 and 2 (with keep_last_k=keep)."""
     seen = []
     checkpoint._fault = seen.append
     try:
-        checkpoint.save_pair(*a_save(3), str(folder / "ckpt.pt"), keep)
+        checkpoint.save_pair(*a_save(3), str(folder / "ckpt.pt"), keep, fmt)
     finally:
         checkpoint._fault = None
     return seen
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to crash a save mid-way")
-@pytest.mark.parametrize("keep", [0, 1])
-def test_a_crash_after_any_step_of_a_save_leaves_a_whole_checkpoint(tmp_path, keep):
+@pytest.mark.parametrize("keep,fmt", [(0, "torch"), (1, "torch"), (1, "safetensors")])
+def test_a_crash_after_any_step_of_a_save_leaves_a_whole_checkpoint(tmp_path, keep, fmt):
     """Each step of the third save is the last thing a process does before it is killed
     (os._exit: no cleanup code runs); the folder must still hold save 2 or save 3, whole."""
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors")
     base = tmp_path / "base"
     base.mkdir()
     for it in (1, 2):
-        checkpoint.save_pair(*a_save(it), str(base / "ckpt.pt"), keep)
+        checkpoint.save_pair(*a_save(it), str(base / "ckpt.pt"), keep, fmt)
     probe = tmp_path / "probe"
     shutil.copytree(base, probe)
-    steps = save_steps(probe, keep)
-    want = ["write optimizer state", "rename optimizer state", "write weights", "rename weights"]
+    steps = save_steps(probe, keep, fmt)
+    want = ["write optimizer state", "rename optimizer state"]
+    if fmt == "safetensors":
+        want += ["write weights file", "rename weights file"]
+    want += ["write weights", "rename weights"]
+    commit = len(want) - 1  # the rename of ckpt.pt
     if keep:
         want += ["link numbered", "remove numbered"]
     assert steps[:len(want)] == want and any(s.startswith("remove ckpt.optim.") for s in steps), steps
@@ -93,14 +100,14 @@ def test_a_crash_after_any_step_of_a_save_leaves_a_whole_checkpoint(tmp_path, ke
                     os._exit(0)
             checkpoint._fault = die
             try:
-                checkpoint.save_pair(*a_save(3), str(folder / "ckpt.pt"), keep)
+                checkpoint.save_pair(*a_save(3), str(folder / "ckpt.pt"), keep, fmt)
             finally:
                 os._exit(1)  # the step never came: fail
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, step
         it = check_consistent(folder, (2, 3))
-        assert it == (2 if k < 3 else 3), step  # the rename of the weights is the commit
-        checkpoint.save_pair(*a_save(4), str(folder / "ckpt.pt"), keep)  # and the next save works
+        assert it == (2 if k < commit else 3), step  # the rename of the weights is the commit
+        checkpoint.save_pair(*a_save(4), str(folder / "ckpt.pt"), keep, fmt)  # and the next save works
         assert check_consistent(folder, (4,)) == 4
 
 

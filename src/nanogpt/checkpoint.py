@@ -8,14 +8,20 @@ new ``ckpt.pt`` over the old one (the commit), then removes the optimizer file n
 more. A crash at any point leaves ``ckpt.pt`` whole, old or new, beside the optimizer file it
 names; the next run into the folder removes what the crash left behind.
 
-Every file is written to a temporary name, flushed to disk and renamed. Both load with
-``torch.load(weights_only=True)``: no pickle is ever executed. Older layouts still load: one file
-with the optimizer inside (format 1) and ``ckpt.optim.pt`` beside ``ckpt.pt`` (format 2).
+With ``checkpoint_format='safetensors'`` the weights go into a third file of the same save,
+``ckpt.model.<save_id>.safetensors`` (with the model shape in its metadata), written before the
+commit like the optimizer file; ``ckpt.pt`` then names both and holds no tensor. Such weights load
+with ``safetensors`` alone, no pickle machinery at all.
+
+Every file is written to a temporary name, flushed to disk and renamed. The ``.pt`` files load
+with ``torch.load(weights_only=True)``: no pickle is ever executed. Older layouts still load: one
+file with the optimizer inside (format 1) and ``ckpt.optim.pt`` beside ``ckpt.pt`` (format 2).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
@@ -33,7 +39,9 @@ FORMAT = 3  # 1: optimizer inside ckpt.pt; 2: ckpt.optim.pt beside it (both stil
 REQUIRED = ("model", "model_args", "iter_num")
 NUMBERED = re.compile(r"^ckpt_(\d+)\.pt$")
 OPTIM = re.compile(r"^ckpt(_\d+)?\.optim(\.[0-9a-f]+)?\.pt$")
-TEMP = re.compile(r"^(ckpt.*\.pt|metrics\.jsonl)\.tmp\d+$")
+WEIGHTS = re.compile(r"^ckpt\.model\.[0-9a-f]+\.safetensors$")
+TEMP = re.compile(r"^(ckpt.*\.(pt|safetensors)|metrics\.jsonl)\.tmp\d+$")
+FORMATS = ("torch", "safetensors")
 LOCK = ".lock"
 
 
@@ -48,6 +56,8 @@ class CheckpointConfig(Section):
     checkpoint_interval_s: float = setting(0.0, "Also save when this many seconds of wall time have passed since the last save (for pre-emptible machines); 0 saves at evaluations only.",
                                            ge=0)
     overwrite: bool = setting(False, "Let a new run (init_from other than 'resume') replace the checkpoint and metrics already in out_dir.")
+    checkpoint_format: str = setting("torch", "How ckpt.pt keeps the weights: 'torch' (inside it, as nanoGPT does) or 'safetensors' (in ckpt.model.<id>.safetensors beside it, loadable with no pickle machinery).",
+                                     choices=FORMATS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,14 +104,15 @@ def _no_space(folder: str, need: int) -> CheckpointError:
                            % (folder, f"{need:,}", f"{free:,}", todo))
 
 
-def save(obj: dict, path: str, name: str = "file") -> None:
+def save(obj: dict, path: str, name: str = "file", write=None) -> None:
     """Write ``obj`` to a temp file beside ``path``, flush it to disk, then rename it over
-    ``path``: an interrupted save leaves the previous file intact and no temp file behind."""
+    ``path``: an interrupted save leaves the previous file intact and no temp file behind.
+    ``write(obj, f)`` writes the bytes (default: ``torch.save``)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = "%s.tmp%d" % (path, os.getpid())
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         _step("write " + name)
@@ -126,10 +137,51 @@ def optimizer_path(path: str) -> str:
     return path[:-3] + ".optim.pt" if path.endswith(".pt") else path + ".optim"
 
 
-def save_pair(weights: dict, train_state: dict, path: str, keep_last_k: int = 0) -> str:
-    """Commit one checkpoint: the optimizer file under a new name, then ``path`` naming it (the
-    commit), then the numbered copy (``keep_last_k``) and the removal of what no file names any
-    more. Returns the save id."""
+def model_name(save_id: str) -> str:
+    return "ckpt.model.%s.safetensors" % save_id
+
+
+def _write_safetensors(weights: dict, f) -> None:
+    """The weights and, in the metadata, the model shape and iteration. A tensor shared by two
+    names (GPT-2's tied embedding and head) is written once; the metadata names its aliases."""
+    try:
+        from safetensors.torch import save as to_bytes
+    except ImportError:
+        raise CheckpointError("checkpoint_format='safetensors' needs safetensors: pip install safetensors") from None
+    tensors, aliases, seen = {}, {}, {}
+    for k, t in weights["model"].items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            tensors[k] = t.detach().contiguous()
+    meta = {"model_args": json.dumps(weights["model_args"]), "iter_num": str(weights["iter_num"]), "aliases": json.dumps(aliases)}
+    f.write(to_bytes(tensors, metadata=meta))
+
+
+def load_safetensors_weights(path: str) -> dict:
+    """The state dict of a ``ckpt.model.<id>.safetensors`` file, its aliases restored."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError("%s holds safetensors weights: pip install safetensors" % path) from None
+    try:
+        with safe_open(path, framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except Exception as e:
+        raise CheckpointError("weights file %s is truncated or corrupt (%s); restore a good copy or start again with "
+                              "--init_from=scratch" % (path, first_line(e, 120))) from None
+    for name, target in aliases.items():
+        sd[name] = sd[target]
+    return sd
+
+
+def save_pair(weights: dict, train_state: dict, path: str, keep_last_k: int = 0, fmt: str = "torch") -> str:
+    """Commit one checkpoint: the optimizer file (and with ``fmt='safetensors'`` the weights file)
+    under a new name, then ``path`` naming them (the commit), then the numbered copy
+    (``keep_last_k``) and the removal of what no file names any more. Returns the save id."""
     folder = os.path.dirname(os.path.abspath(path))
     need = int(1.02 * (_tensor_bytes(weights) + _tensor_bytes(train_state))) + (64 << 10)  # tensors and the pickled rest
     if shutil.disk_usage(folder).free < need:
@@ -137,7 +189,12 @@ def save_pair(weights: dict, train_state: dict, path: str, keep_last_k: int = 0)
     save_id = os.urandom(8).hex()
     opt = optim_name(save_id)
     save(dict(train_state, save_id=save_id, iter_num=weights["iter_num"]), os.path.join(folder, opt), "optimizer state")
-    save(dict(weights, format=FORMAT, save_id=save_id, optim_file=opt), path, "weights")
+    head = dict(weights, format=FORMAT, save_id=save_id, optim_file=opt)
+    if fmt == "safetensors":
+        head["model_file"] = model_name(save_id)
+        save(weights, os.path.join(folder, head["model_file"]), "weights file", write=_write_safetensors)
+        head["model"] = {}
+    save(head, path, "weights")
     if keep_last_k > 0:
         numbered = os.path.join(folder, "ckpt_%d.pt" % weights["iter_num"])
         _link_or_copy(path, numbered)
@@ -172,28 +229,29 @@ def numbered_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _optim_reference(path: str) -> str | None:
-    """The optimizer file a weights file names (format 2: the pair's name), read without loading
-    the weights; None for format 1."""
+def _references(path: str) -> set[str]:
+    """The files a weights file names: its optimizer file (format 2: the pair's name; none for
+    format 1) and its safetensors weights, read without loading the weights."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    named = {ckpt["model_file"]} if "model_file" in ckpt else set()
     if "optim_file" in ckpt:
-        return ckpt["optim_file"]
-    return None if "optimizer" in ckpt else os.path.basename(optimizer_path(path))
+        return named | {ckpt["optim_file"]}
+    return named if "optimizer" in ckpt else named | {os.path.basename(optimizer_path(path))}
 
 
 def remove_unreferenced(folder: str) -> list[str]:
-    """Remove optimizer files no weights file names (a save cut short, pruned copies) and temp
-    files of interrupted writes. Nothing is removed while a weights file cannot be read. Returns
-    the names removed."""
+    """Remove optimizer and safetensors files no weights file names (a save cut short, pruned
+    copies) and temp files of interrupted writes. Nothing is removed while a weights file cannot
+    be read. Returns the names removed."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
     removed = [n for n in names if TEMP.match(n)]
     weights = [n for n in names if n == "ckpt.pt" or NUMBERED.match(n)]
     try:
-        named = {_optim_reference(os.path.join(folder, n)) for n in weights}
+        named = set().union(*(_references(os.path.join(folder, n)) for n in weights))
     except Exception:  # a corrupt weights file: it may name any of them, so keep them all
         named = None
     if named is not None:
-        removed += [n for n in names if OPTIM.match(n) and n not in named]
+        removed += [n for n in names if (OPTIM.match(n) or WEIGHTS.match(n)) and n not in named]
     for n in removed:
         try:
             os.remove(os.path.join(folder, n))
@@ -211,7 +269,7 @@ def has_checkpoint(folder: str) -> bool:
 def remove_run(folder: str) -> None:
     """Remove a run's checkpoints and metrics from ``folder`` (``overwrite=True``)."""
     for n in os.listdir(folder):
-        if n in ("ckpt.pt", "metrics.jsonl") or NUMBERED.match(n) or OPTIM.match(n) or TEMP.match(n):
+        if n in ("ckpt.pt", "metrics.jsonl") or NUMBERED.match(n) or OPTIM.match(n) or WEIGHTS.match(n) or TEMP.match(n):
             os.remove(os.path.join(folder, n))
 
 
@@ -305,6 +363,14 @@ def load(path: str, map_location="cpu", hint: str = "train into that out_dir fir
     if not os.path.isfile(path):
         raise CheckpointError("no checkpoint at %s: %s" % (path, hint))
     ckpt = _torch_load(path, map_location)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_file"), str):  # checkpoint_format='safetensors'
+        wpath = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(ckpt["model_file"]))
+        if not os.path.isfile(wpath):
+            raise CheckpointError("%s names its weights file %s, which is missing; restore it, or start again with "
+                                  "--init_from=scratch" % (path, os.path.basename(wpath)))
+        ckpt["model"] = load_safetensors_weights(wpath)
+        if map_location not in (None, "cpu"):
+            ckpt["model"] = {k: v.to(map_location) for k, v in ckpt["model"].items()}
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError("%s is not a training checkpoint (missing %s)" % (path, ", ".join(missing)))

@@ -83,6 +83,14 @@ def features_on(config: GPTConfig | dict) -> dict:
     return {k: args[k] for k, v in features().items() if k in args and args[k] != v}
 
 
+def saved_args(config: GPTConfig) -> dict:
+    """``model_args`` as a checkpoint stores them: the shape, and each feature only when it is on.
+    A GPT-2-shaped model's are then exactly nanoGPT's seven keys, so nanoGPT's own ``sample.py``
+    reads the checkpoint; :meth:`GPTConfig.from_args` gives a missing feature its default."""
+    off = features()
+    return {k: v for k, v in asdict(config).items() if k not in off or v != off[k]}
+
+
 def rotary_tables(config: GPTConfig, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (block_size, hs/2) of RoPE's angles: position t turns channel pair i by t * base^(-2i/hs)."""
     hs = config.n_embd // config.n_head

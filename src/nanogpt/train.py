@@ -24,7 +24,7 @@ from .config import Config, Section, check_init_from, setting
 from .data import BatchLoader, DataConfig, dataset_dir, load_meta, prepare_hint
 from .errors import CheckpointError, ConfigError, DataError, UserError, run_command
 from .metrics import LayerStats, MetricsConfig, MetricsLog, StepReport, keep_before_resume, open_wandb
-from .model import GPTConfig, features
+from .model import GPTConfig, features, saved_args
 from .optim import OptimConfig, ScheduleConfig, build, describe, get_lr, param_groups
 from .parallel import ParallelConfig, strategy_for
 from .runtime import RuntimeConfig, SpeedConfig
@@ -349,7 +349,7 @@ class Run:
 
     def save(self, reason: str) -> None:
         """Write a checkpoint (every rank calls this: gathering sharded state needs them all; rank 0 writes)."""
-        weights = {"model": self.strategy.model_state(), "model_args": asdict(self.gconf), "config": self.cfg.to_dict(),
+        weights = {"model": self.strategy.model_state(), "model_args": saved_args(self.gconf), "config": self.cfg.to_dict(),
                    **self.state.facts(), "world_size": self.info.world_size}
         train_state = {"optimizer": self.strategy.optimizer_state(self.optimizer),
                        "rng": TrainState.random_state(self.train_loader, self.strategy, self.rt.device)}
@@ -357,7 +357,7 @@ class Run:
             train_state["scaler"] = self.scaler.state_dict()
         if self.writes:
             path = os.path.join(self.cfg.out_dir, "ckpt.pt")
-            checkpoint.save_pair(weights, train_state, path, self.cfg.keep_last_k)
+            checkpoint.save_pair(weights, train_state, path, self.cfg.keep_last_k, self.cfg.checkpoint_format)
             self.log("saved checkpoint to %s (%s)" % (path, reason))
         self.last_save = time.time()
         self.report.restart()
