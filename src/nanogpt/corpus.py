@@ -33,6 +33,7 @@ without it is never mistaken for a dataset.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import io
@@ -51,9 +52,10 @@ TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 ALL_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
-PIECE_CHARS = 1 << 20  # long documents are tokenized in pieces of about this many characters
-BATCH_CHARS = 1 << 20  # a worker gets about this much text per task
+PIECE_CHARS = 1 << 16  # long documents are tokenized in pieces of about this many characters
+BATCH_CHARS = 1 << 18  # a worker gets about this much text per task
 BATCH_ITEMS = 4096  # and at most this many pieces
+IN_FLIGHT = 2  # tasks per worker handed out ahead: what is held in memory stays bounded
 SHARD_TOKENS = 100_000_000
 PROGRESS = "progress.json"
 FORMAT = 1
@@ -92,6 +94,16 @@ def _safe_cut(text: str, lo: int, hi: int) -> int:
         if not text[i + 1].isspace() and not text[i - 1].isspace():
             return i + 1
         end = i
+
+
+def _next_safe_cut(text: str, lo: int) -> int:
+    """The smallest index ``i >= lo`` just after a lone newline (see :func:`_safe_cut`), or 0."""
+    i = text.find("\n", max(lo - 1, 1))
+    while 0 < i < len(text) - 1:
+        if not text[i + 1].isspace() and not text[i - 1].isspace():
+            return i + 1
+        i = text.find("\n", i + 1)
+    return 0
 
 
 def _text_pieces(text: str, size: int):
@@ -142,7 +154,7 @@ def _split_pieces(pieces, at: int):
         elif seen + len(piece) <= at:
             yield piece, False
         else:
-            cut = _safe_cut(piece, at - seen - 1, len(piece))
+            cut = _next_safe_cut(piece, at - seen)
             if cut:
                 yield piece[:cut], False
                 yield piece[cut:], True
@@ -463,15 +475,27 @@ def _batches(tasks, max_chars: int, max_items: int):
 
 def _encode_batch(batch):
     """A worker's unit of work: [(kind, text, last, pos)] -> ([(kind, last, pos)], lengths, ids)."""
-    encode, eot = _WORKER["tok"].encode_ordinary, _WORKER["eot"]
+    encode, eot, dtype = _WORKER["tok"].encode_ordinary, _WORKER["eot"], _WORKER["dtype"]
     ids, lengths = [], []
     for kind, text, last, _ in batch:
         piece = encode(text) if text else []
         if last and eot is not None and kind != DUPLICATE:
             piece.append(eot)
-        ids.extend(piece)
+        ids.append(np.array(piece, dtype=dtype))  # a list of Python ints is ~20x the size: one piece's at a time
         lengths.append(len(piece))
-    return [(kind, last, pos) for kind, _, last, pos in batch], lengths, np.array(ids, dtype=_WORKER["dtype"])
+    flat = np.concatenate(ids) if ids else np.zeros(0, dtype)
+    return [(kind, last, pos) for kind, _, last, pos in batch], lengths, flat
+
+
+def _in_order(pool, batches, depth: int):
+    """``_encode_batch`` of each batch by the pool's workers, in order, at most ``depth`` ahead."""
+    pending = collections.deque()
+    for batch in batches:
+        pending.append(pool.apply_async(_encode_batch, (batch,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,40 +631,62 @@ def _remove_strays(out_dir: str, writers: dict) -> None:
 
 
 class _Progress:
-    """The tqdm bar: bytes of the source read (with an ETA) for local files, else documents (with
-    an ETA when the dataset says how many), and documents/s and tokens/s beside it."""
+    """Progress a person can see: on a terminal a tqdm bar of the source's bytes read (with an
+    ETA) for local files, else of documents (with an ETA when the dataset says how many), with
+    documents/s and tokens/s beside it; elsewhere (a log file) one line every ``interval`` s."""
 
-    def __init__(self, src, docs_done: int, tokens_done: int):
-        from tqdm import tqdm
+    def __init__(self, src, docs_done: int, tokens_done: int, interval: float = 30.0):
+        import sys
         self.src = src
         self.by_bytes = bool(src.total_bytes)
-        total = src.total_bytes if self.by_bytes else src.total_docs
-        self.bar = tqdm(total=total, desc="tokenizing", unit="B" if self.by_bytes else "doc", unit_scale=self.by_bytes,
-                        dynamic_ncols=True, initial=0 if self.by_bytes else docs_done, smoothing=0.1)
+        self.total = src.total_bytes if self.by_bytes else src.total_docs
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc="tokenizing", unit="B" if self.by_bytes else "doc", unit_scale=self.by_bytes,
+                            dynamic_ncols=True, initial=0 if self.by_bytes else docs_done, smoothing=0.1)
         self.t0, self.docs0, self.tokens0 = time.perf_counter(), docs_done, tokens_done
-        self.docs, self.tokens, self.last = docs_done, tokens_done, 0.0
+        self.docs, self.tokens, self.last, self.interval = docs_done, tokens_done, self.t0, interval
+
+    def _done(self) -> int:
+        return min(self.src.bytes_read(), self.total) if self.by_bytes else self.docs
 
     def update(self, docs: int, tokens: int) -> None:
         self.docs, self.tokens = docs, tokens
-        if self.by_bytes:
-            self.bar.update(max(0, min(self.src.bytes_read(), self.bar.total) - self.bar.n))
-        else:
-            self.bar.update(docs - self.bar.n)
         now = time.perf_counter()
-        if now - self.last > 0.5:
+        if self.bar is not None:
+            self.bar.update(max(0, self._done() - self.bar.n))
+            if now - self.last > 0.5:
+                self.last = now
+                _, dps, tps = self.rates()
+                self.bar.set_postfix_str("%s doc/s, %s tok/s" % (_si(dps), _si(tps)), refresh=False)
+        elif now - self.last >= self.interval:
             self.last = now
-            dt = max(now - self.t0, 1e-9)
-            self.bar.set_postfix_str("%s doc/s, %s tok/s" % (_si((docs - self.docs0) / dt), _si((tokens - self.tokens0) / dt)),
-                                     refresh=False)
+            dt, dps, tps = self.rates()
+            line = "tokenizing: %s documents, %s tokens, %s doc/s, %s tok/s" % (
+                f"{docs:,}", f"{tokens:,}", _si(dps), _si(tps))
+            if self.total:
+                share = self._done() / self.total
+                eta = dt * (1 - share) / share if share > 0 else float("nan")
+                line += ", %.1f%% of the %s, ETA %s" % (100 * share, "bytes" if self.by_bytes else "documents", _hms(eta))
+            _log(line)
 
     def rates(self) -> tuple[float, float, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return dt, (self.docs - self.docs0) / dt, (self.tokens - self.tokens0) / dt
 
     def close(self) -> None:
-        if self.by_bytes and self.bar.total:
-            self.bar.update(self.bar.total - self.bar.n)
-        self.bar.close()
+        if self.bar is not None:
+            if self.by_bytes and self.bar.total:
+                self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds:
+        return "?"
+    s = int(seconds)
+    return "%d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60)
 
 
 def _si(x: float) -> str:
@@ -819,7 +865,7 @@ def _tokenize(src, settings, state, writers, tok, tok_meta, dtype, eot, num_proc
 
             # spawn: fresh workers that share no threads or locks with this process
             with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, initargs) as pool:
-                consume(pool.imap(_encode_batch, batches))
+                consume(_in_order(pool, batches, IN_FLIGHT * num_proc))
     finally:
         bar.close()
     dt, dps, tps = bar.rates()
