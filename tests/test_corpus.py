@@ -151,6 +151,19 @@ def test_shards_hold_every_document_and_batches_match_one_file(tmp_path, enc, mo
         assert xa.equal(xb) and ya.equal(yb)
 
 
+def test_eval_reads_a_sharded_split_as_one_file(tmp_path, enc):
+    from nanogpt.evaluate import split_tokens
+    from nanogpt.tokenizer import load_tokenizer
+    write_corpus(tmp_path / "src")
+    prepare_corpus(str(tmp_path / "c"), str(tmp_path / "src"), num_proc=1, shard_tokens=300, val_fraction=0.3)
+    tok = load_tokenizer(load_meta(str(tmp_path / "c")))
+    val = split_ids(tmp_path / "c", "val")
+    tokens, where = split_tokens("c", [str(tmp_path)], "val", tok, 0)
+    assert len(tokens) == len(val) and tokens[250:700].tolist() == val[250:700].tolist() and where.endswith("val_*.bin")
+    head, _ = split_tokens("c", [str(tmp_path)], "val", tok, 500)
+    assert head.tolist() == val[:500].tolist()
+
+
 def test_one_text_file_is_split_by_text(tmp_path, enc):
     text = TEXT[:30_000]
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
@@ -292,23 +305,33 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, enc, capsys):
 # sources
 
 
-def test_zstd_and_parquet_sources(tmp_path, enc):
+def test_zstd_source_and_a_cut_gzip_file(tmp_path, enc):
     zstandard = pytest.importorskip("zstandard")
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
-    docs = shakespeare_docs(30, seed=3)
-    (tmp_path / "src").mkdir()
-    data = "".join(json.dumps({"text": d}) + "\n" for d in docs[:15]).encode()
-    (tmp_path / "src" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
-    pq.write_table(pa.table({"text": docs[15:], "n": list(range(15))}), tmp_path / "src" / "b.parquet", row_group_size=4)
-    m = prepare_corpus(str(tmp_path / "o"), str(tmp_path / "src"), num_proc=1, val_fraction=0.0)
+    docs = shakespeare_docs(15, seed=3)
+    data = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    m = prepare_corpus(str(tmp_path / "o"), str(tmp_path / "a.jsonl.zst"), num_proc=1, val_fraction=0.0)
     assert documents_of(split_ids(tmp_path / "o", "train"), enc) == docs and m["val_tokens"] == 0
-    with pytest.raises(PrepareError, match=r"b\.parquet has no 'body' column \(columns: text, n\); pass --text_field"):
-        prepare_corpus(str(tmp_path / "o2"), str(tmp_path / "src" / "b.parquet"), text_field="body", num_proc=1)
+    (tmp_path / "cut.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data)[:-30])
+    with pytest.raises(PrepareError, match=r"cut\.jsonl\.zst is not a whole zstd file"):
+        prepare_corpus(str(tmp_path / "o2"), str(tmp_path / "cut.jsonl.zst"), num_proc=1)
     (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(data)[:-30])
     with pytest.raises(PrepareError, match=r"cut\.jsonl\.gz is not a whole gzip file"):
         prepare_corpus(str(tmp_path / "o3"), str(tmp_path / "cut.jsonl.gz"), num_proc=1)
     assert not (tmp_path / "o3").exists() or not any((tmp_path / "o3").iterdir())
+
+
+def test_parquet_source(tmp_path, enc):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    docs = shakespeare_docs(30, seed=3)
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.table({"text": docs[:15], "n": list(range(15))}), tmp_path / "src" / "a.parquet", row_group_size=4)
+    pq.write_table(pa.table({"text": docs[15:], "n": list(range(15))}), tmp_path / "src" / "b.parquet", row_group_size=4)
+    m = prepare_corpus(str(tmp_path / "o"), str(tmp_path / "src"), num_proc=1, val_fraction=0.0)
+    assert documents_of(split_ids(tmp_path / "o", "train"), enc) == docs and m["documents"]["train"] == 30
+    with pytest.raises(PrepareError, match=r"b\.parquet has no 'body' column \(columns: text, n\); pass --text_field"):
+        prepare_corpus(str(tmp_path / "o2"), str(tmp_path / "src" / "b.parquet"), text_field="body", num_proc=1)
 
 
 def test_hub_dataset_is_streamed(tmp_path, enc, monkeypatch):
@@ -322,16 +345,18 @@ def test_hub_dataset_is_streamed(tmp_path, enc, monkeypatch):
         def __iter__(self):
             return iter({"text": d, "url": "u"} for d in docs)
 
-    def load_dataset(name, split=None, **kw):
-        asked.update(kw, name=name, split=split)
+    def load_dataset(name, *config, split=None, **kw):
+        asked.update(kw, name=name, config=config, split=split)
         return Streamed()
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     m = prepare_corpus(str(tmp_path / "o"), "someone/corpus", num_proc=1, val_fraction=0.1)
-    assert asked == {"name": "someone/corpus", "split": "train", "streaming": True}
+    assert asked == {"name": "someone/corpus", "config": (), "split": "train", "streaming": True}
     got = documents_of(split_ids(tmp_path / "o", "train"), enc) + documents_of(split_ids(tmp_path / "o", "val"), enc)
     assert sorted(got) == sorted(docs) and m["source"] == "someone/corpus"
     with pytest.raises(PrepareError, match="has no 'body' column .*pass --text_field"):
         prepare_corpus(str(tmp_path / "o2"), "someone/corpus", text_field="body", num_proc=1)
+    prepare_corpus(str(tmp_path / "o3"), "someone/corpus", hf_config="sample-10BT", num_proc=1)
+    assert asked["config"] == ("sample-10BT",)
 
 
 def test_hub_dataset_without_datasets_package(tmp_path, enc, monkeypatch):

@@ -258,7 +258,7 @@ class LocalSource:
                     import zstandard
                 except ImportError:
                     raise PrepareError("reading %s needs the zstandard package: pip install zstandard" % path) from None
-                stream, kind = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)), "zstd"
+                stream, kind = io.BufferedReader(_ZstdReader(raw, path, zstandard.ZstdDecompressor())), "zstd"
             else:
                 stream, kind = raw, None
             text = io.TextIOWrapper(stream, encoding="utf-8-sig")
@@ -318,6 +318,36 @@ class LocalSource:
         self._raw = None
 
 
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file of one or more frames; a file that ends inside a
+    frame is an error, not a short read."""
+
+    def __init__(self, raw, path: str, decompressor):
+        self.raw, self.path, self.d = raw, path, decompressor
+        self.obj, self.buf, self.in_frame = decompressor.decompressobj(), bytearray(), False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            data = self.raw.read(1 << 16)
+            if not data:
+                if self.in_frame:
+                    raise PrepareError("%s is not a whole zstd file (it ends inside a frame); fetch it again" % self.path)
+                return 0
+            while data:
+                self.in_frame = True
+                self.buf += self.obj.decompress(data)
+                data = b""
+                if self.obj.eof:  # a frame ended: what follows starts the next one
+                    data, self.obj, self.in_frame = self.obj.unused_data, self.d.decompressobj(), False
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        del self.buf[:n]
+        return n
+
+
 class _Position:
     """Stands in for an open file whose position is known: ``tell()`` only."""
 
@@ -342,15 +372,16 @@ class HubSource:
     single_text = False
     total_bytes = None
 
-    def __init__(self, name: str, text_field: str, split: str):
+    def __init__(self, name: str, text_field: str, split: str, config: str = ""):
         try:
             import datasets
         except ImportError:
             raise PrepareError("%r is not a local file or folder, and reading it from the Hugging Face hub needs the "
                                "datasets package: pip install datasets" % name) from None
-        self.name, self.text_field, self.split = name, text_field, split
+        self.name, self.text_field, self.split, self.config = name, text_field, split, config
         try:
-            self.ds = datasets.load_dataset(name, split=split, streaming=True)
+            args = (name, config) if config else (name,)
+            self.ds = datasets.load_dataset(*args, split=split, streaming=True)
         except Exception as e:  # the hub, the network and the files can all fail in many ways
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise PrepareError("%r is not a local file or folder, and streaming it as a Hugging Face dataset (split %r) "
@@ -365,7 +396,7 @@ class HubSource:
             self.total_docs = None
 
     def fingerprint(self) -> list:
-        return [self.name, self.split]
+        return [self.name, self.config, self.split]
 
     def bytes_read(self) -> int:
         return 0
@@ -378,11 +409,13 @@ class HubSource:
             yield text if isinstance(text, str) else ""
 
 
-def open_source(source: str, text_field: str = "text", hf_split: str = "train"):
+def open_source(source: str, text_field: str = "text", hf_split: str = "train", hf_config: str = ""):
     """A local file or folder when that path exists, else a Hugging Face dataset name."""
     if os.path.exists(source):
+        if hf_config:
+            raise PrepareError("--hf_config is for Hugging Face datasets; %s is a local path" % source)
         return LocalSource(source, text_field)
-    return HubSource(source, text_field, hf_split)
+    return HubSource(source, text_field, hf_split, hf_config)
 
 
 def source_texts(src):
@@ -697,8 +730,8 @@ def _si(x: float) -> str:
 
 
 def prepare_corpus(out_dir: str, source: str, *, tokenizer: str = "gpt2", text_field: str = "text",
-                   val_fraction: float = 0.0005, num_proc: int | None = None, hf_split: str = "train", seed: int = 2357,
-                   shard_tokens: int = SHARD_TOKENS, dedup: bool = False, append_eot: bool = True,
+                   val_fraction: float = 0.0005, num_proc: int | None = None, hf_split: str = "train", hf_config: str = "",
+                   seed: int = 2357, shard_tokens: int = SHARD_TOKENS, dedup: bool = False, append_eot: bool = True,
                    mirror: str | None = None) -> dict:
     """Tokenize any corpus into shards in ``out_dir`` and write their manifest, ``meta.json``
     (see the module text); a preparation this folder holds unfinished is continued. ``num_proc``
@@ -712,7 +745,7 @@ def prepare_corpus(out_dir: str, source: str, *, tokenizer: str = "gpt2", text_f
     num_proc = int(num_proc or min(8, os.cpu_count() or 1))
     if num_proc < 1:
         raise PrepareError("num_proc must be at least 1; got %d" % num_proc)
-    src = open_source(source, text_field, hf_split)  # a bad source fails before any download
+    src = open_source(source, text_field, hf_split, hf_config)  # a bad source fails before any download
     tok = corpus_tokenizer(tokenizer, texts=source_texts(src), mirror=mirror)
     tok_meta = dict(tok.meta())
     vocab = int(tok.vocab_size)

@@ -276,10 +276,21 @@ class Tokens:
             self.starts.append(self.starts[-1] + n)
         self.n = self.starts[-1]
 
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """``tokens[a:b]``, read from disk (as a slice of one array would give it)."""
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("Tokens reads slices with step 1 only")
+        start, stop, _ = key.indices(self.n)
+        return self.read(start, max(0, stop - start))
+
     def read(self, start: int, count: int) -> np.ndarray:
         """Tokens ``start .. start + count - 1`` (across shard boundaries as needed)."""
         out = np.empty(count, dtype=self.dtype)
-        self.read_rows([start], out.reshape(1, count))
+        if count:
+            self.read_rows([start], out.reshape(1, count))
         return out
 
     def read_rows(self, starts, out: np.ndarray) -> None:

@@ -173,6 +173,7 @@ class PrepareSettings(Section):
     val_fraction: float = setting(0.0005, "Share of documents held out for val.bin.", ge=0, lt=1)
     num_proc: int = setting(0, "Tokenizer processes (0: min(8, CPUs)).", ge=0)
     split: str = setting("train", "Hugging Face split to read.")
+    hf_config: str = setting("", "Hugging Face dataset configuration (subset) to read, e.g. sample-10BT.")
     seed: int = setting(2357, "Seed of the draws that pick the val documents.")
     shard_tokens: int = setting(SHARD_TOKENS, "Tokens per shard file (train_000000.bin, ...); the last shard of a split holds the rest.",
                                 gt=0)
@@ -207,7 +208,8 @@ def prepare(name: str, cfg: PrepareConfig, default_out: str | None = None) -> di
             raise PrepareError("corpus needs --source=PATH (a .txt/.jsonl/.json file or a folder of them) "
                                "or --source=HF_DATASET_NAME")
         return prepare_corpus(out, source, tokenizer=cfg.tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
-                              num_proc=cfg.num_proc or None, hf_split=cfg.split, seed=cfg.seed, shard_tokens=cfg.shard_tokens,
+                              num_proc=cfg.num_proc or None, hf_split=cfg.split, hf_config=cfg.hf_config, seed=cfg.seed,
+                              shard_tokens=cfg.shard_tokens,
                               dedup=cfg.dedup, mirror=cfg.mirror or None)
     except BaseException:
         if created and os.path.isdir(out) and not os.listdir(out):
