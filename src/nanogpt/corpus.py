@@ -180,7 +180,7 @@ def document_pieces(doc, size: int):
 def document_digest(doc) -> bytes:
     """A 16-byte digest of a document's text, for finding exact duplicates."""
     h = hashlib.blake2b(digest_size=16)
-    for piece in document_pieces(doc, PIECE_CHARS):
+    for piece in document_pieces(doc, PIECE_CHARS) if isinstance(doc, TextFile) else (doc,):
         h.update(piece.encode("utf-8", "surrogatepass"))
     return h.digest()
 
@@ -810,7 +810,8 @@ def prepare_corpus(out_dir: str, source: str, *, tokenizer: str = "gpt2", text_f
     meta.update({"vocab_size": vocab, "dtype": dtype.name, "tokenizer": tok_meta.get("tokenizer", tokenizer),
                  "train_tokens": counts["train"], "val_tokens": counts["val"],
                  "max_token_id": int(max(w.top for w in writers.values())), "eot_token": eot,
-                 "documents": {"train": docs["train"], "val": docs["val"]}, "duplicates": docs["duplicates"] if dedup else None,
+                 "documents": {"train": docs["train"], "val": docs["val"]} if val_tail is None else {"train": 1, "val": 1},
+                 "duplicates": docs["duplicates"] if dedup else None,
                  "val_split_by": "text" if val_tail is not None else "documents", "source": source, "seed": seed,
                  "val_fraction": val_fraction, "shard_tokens": shard_tokens,
                  "shards": {split: w.shards for split, w in writers.items()}})

@@ -45,6 +45,7 @@ class DataConfig(Section):
     batch_size: int = setting(12, "Sequences per micro-step per process.", gt=0)
     gradient_accumulation_steps: int = setting(40, "Micro-steps per optimizer step, summed over all processes (divided by the world size under DDP).",
                                                gt=0)
+    verify_shards: bool = setting(True, "Check each shard of a sharded dataset against the sha256 in its meta.json when training starts (each process reads every shard once).")
     prefetch: int = setting(2, "Training batches a background thread reads ahead while the device works (0 reads each in the loop); the batches and a resume are the same either way.",
                             ge=0)
 
@@ -339,9 +340,9 @@ class BatchLoader:
 
     def __init__(self, data_dir: str, split: str, batch_size: int, block_size: int, device: str,
                  seed: int, dtype: str = "uint16", vocab_size: int | None = None, dataset: str = "",
-                 prefetch: int = 0, meta: dict | None = None):
+                 prefetch: int = 0, meta: dict | None = None, verify: bool = True):
         name = dataset or os.path.basename(os.path.normpath(data_dir))
-        self.tokens = Tokens(data_dir, split, dict(meta or {}, dtype=dtype), name)
+        self.tokens = Tokens(data_dir, split, dict(meta or {}, dtype=dtype), name, verify)
         self.path, self.dtype = self.tokens.path, self.tokens.dtype
         n = self.tokens.n
         if n == 0:
