@@ -60,12 +60,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=20.0, help="MB of text in the corpus")
     ap.add_argument("--rss", action="store_true", help="also measure peak resident memory (Linux)")
+    ap.add_argument("--rss_only", action="store_true", help="measure the peak resident memory alone")
     ap.add_argument("--work", default="", help="folder for the corpus and outputs (default: a temporary one)")
     a = ap.parse_args()
     work = a.work or tempfile.mkdtemp(prefix="corpus_speed_")
     os.makedirs(work, exist_ok=True)
     src = os.path.join(work, "corpus.jsonl")
     docs = make_corpus(src, a.mb)
+    if not a.rss_only:
+        speed(docs, src, work, a.mb)
+    if a.rss or a.rss_only:
+        rss(src, work, a.mb)
+
+
+def speed(docs: list, src: str, work: str, mb: float) -> None:
     enc = get_gpt2_encoding()
     rows = []
 
@@ -89,21 +97,22 @@ def main() -> None:
         rows.append(("prepare corpus, num_proc=%d" % num_proc, meta["train_tokens"] + meta["val_tokens"], dt))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print("\n%s documents, %.1f MB of text, %d CPU cores, load average %.1f at the end\n" % (f"{len(docs):,}", a.mb, cores, load))
+    print("\n%s documents, %.1f MB of text, %d CPU cores, load average %.1f at the end\n" % (f"{len(docs):,}", mb, cores, load))
     print("| run | tokens | seconds | tokens/s | vs the bound |")
     print("|---|---:|---:|---:|---:|")
     bound = rows[0][1] / rows[0][2]
     for name, tokens, dt in rows:
         print("| %s | %s | %.2f | %s | %.2f |" % (name, f"{tokens:,}", dt, f"{tokens / dt:,.0f}", tokens / dt / bound))
 
-    if a.rss:
-        r = subprocess.run([sys.executable, "-c", RSS, src, os.path.join(work, "rss")], capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
-        if r.returncode:
-            sys.exit(r.stderr)
-        got = json.loads(r.stdout.strip().splitlines()[-1])
-        print("\npeak resident memory, num_proc=1, default settings: %.1f MiB at the start, %.1f MiB peak (+%.1f MiB) "
-              "for %.1f MB of text" % (got["base"] / 2**20, got["peak"] / 2**20, (got["peak"] - got["base"]) / 2**20, a.mb))
+
+def rss(src: str, work: str, mb: float) -> None:
+    r = subprocess.run([sys.executable, "-c", RSS, src, os.path.join(work, "rss")], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
+    if r.returncode:
+        sys.exit(r.stderr)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    print("\npeak resident memory, num_proc=1, default settings: %.1f MiB at the start, %.1f MiB peak (+%.1f MiB) "
+          "for %.1f MB of text" % (got["base"] / 2**20, got["peak"] / 2**20, (got["peak"] - got["base"]) / 2**20, mb))
 
 
 if __name__ == "__main__":
