@@ -726,7 +726,7 @@ def _si(x: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if x >= scale:
             return "%.2f%s" % (x / scale, unit)
-    return "%.0f" % x
+    return "%.1f" % x if x < 10 else "%.0f" % x
 
 
 def prepare_corpus(out_dir: str, source: str, *, tokenizer: str = "gpt2", text_field: str = "text",
@@ -903,6 +903,7 @@ def _tokenize(src, settings, state, writers, tok, tok_meta, dtype, eot, num_proc
     finally:
         bar.close()
     dt, dps, tps = bar.rates()
-    _log("tokenized %s documents, %s tokens in %.1f s: %s documents/s, %s tokens/s" % (
-        f"{bar.docs - bar.docs0:,}", f"{bar.tokens - bar.tokens0:,}", dt, _si(dps), _si(tps)))
+    done = bar.docs - bar.docs0
+    _log("tokenized %s document%s, %s tokens in %.1f s: %s documents/s, %s tokens/s" % (
+        f"{done:,}", "" if done == 1 else "s", f"{bar.tokens - bar.tokens0:,}", dt, _si(dps), _si(tps)))
     return dict(state, documents=docs, text_tokens=text_tokens, position=list(position))
