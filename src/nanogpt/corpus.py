@@ -708,11 +708,12 @@ class _Progress:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return dt, (self.docs - self.docs0) / dt, (self.tokens - self.tokens0) / dt
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
         if self.bar is not None:
-            if self.by_bytes and self.bar.total:
+            if finished and self.by_bytes and self.bar.total:
                 self.bar.update(self.bar.total - self.bar.n)
             self.bar.close()
+            self.bar = None
 
 
 def _hms(seconds: float) -> str:
@@ -900,6 +901,11 @@ def _tokenize(src, settings, state, writers, tok, tok_meta, dtype, eot, num_proc
             # spawn: fresh workers that share no threads or locks with this process
             with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, initargs) as pool:
                 consume(_in_order(pool, batches, IN_FLIGHT * num_proc))
+        bar.close(finished=True)
+    except KeyboardInterrupt:
+        bar.close()
+        _log("interrupted: run the same command again to continue from the last finished shard")
+        raise
     finally:
         bar.close()
     dt, dps, tps = bar.rates()
