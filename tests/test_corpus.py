@@ -410,6 +410,17 @@ def test_memory_stays_bounded_for_a_corpus_ten_times_the_cap(tmp_path, enc):
     assert load_meta(str(tmp_path / "out"))["train_tokens"] > text_bytes / 5
 
 
+def test_progress_in_a_log_says_rates_and_eta(capsys):
+    src = types.SimpleNamespace(total_bytes=1000, total_docs=None, bytes_read=lambda: 250)
+    bar = corpus._Progress(src, 0, 0, interval=0.0)  # stderr is not a terminal here: log lines
+    time.sleep(0.01)
+    bar.update(40, 12_000)
+    bar.close()
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("tokenizing: 40 documents, 12,000 tokens, ") and "doc/s" in line and "tok/s" in line, line
+    assert "25.0% of the bytes, ETA 0:00:0" in line, line
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: one line each
 

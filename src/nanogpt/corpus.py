@@ -6,7 +6,8 @@ killed preparation continues where it stopped.
 Sources. A local file or folder (scanned recursively, hidden entries skipped, sorted): each
 ``.txt`` file is one document; each non-blank line of a ``.jsonl`` / ``.json`` file (plain,
 ``.gz``, or ``.zst`` with the zstandard package) is one, its text in ``text_field`` (a plain
-``.json`` file may hold one JSON array instead); each row of a ``.parquet`` file (pyarrow) is one.
+``.json`` file may hold one JSON array instead, read whole); each row of a ``.parquet`` file
+(pyarrow) is one.
 Any other name is a Hugging Face dataset, read with ``streaming=True`` (the datasets package).
 Nothing is copied or loaded whole first: files are read a block, a line or a row group at a time,
 and long documents are cut into pieces where tokenization is unaffected.
