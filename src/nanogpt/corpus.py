@@ -744,6 +744,8 @@ def prepare_corpus(out_dir: str, source: str, *, tokenizer: str = "gpt2", text_f
         raise PrepareError("val_fraction must be in [0, 1); got %r" % val_fraction)
     if shard_tokens < 1:
         raise PrepareError("shard_tokens must be at least 1; got %d" % shard_tokens)
+    if seed < 0:
+        raise PrepareError("seed must be a non-negative integer; got %d" % seed)
     num_proc = int(num_proc or min(8, os.cpu_count() or 1))
     if num_proc < 1:
         raise PrepareError("num_proc must be at least 1; got %d" % num_proc)

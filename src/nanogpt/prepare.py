@@ -174,7 +174,7 @@ class PrepareSettings(Section):
     num_proc: int = setting(0, "Tokenizer processes (0: min(8, CPUs)).", ge=0)
     split: str = setting("train", "Hugging Face split to read.")
     hf_config: str = setting("", "Hugging Face dataset configuration (subset) to read, e.g. sample-10BT.")
-    seed: int = setting(2357, "Seed of the draws that pick the val documents.")
+    seed: int = setting(2357, "Seed of the draws that pick the val documents.", ge=0)
     shard_tokens: int = setting(SHARD_TOKENS, "Tokens per shard file (train_000000.bin, ...); the last shard of a split holds the rest.",
                                 gt=0)
     dedup: bool = setting(False, "Leave out documents whose text equals an earlier document's.")
