@@ -438,6 +438,7 @@ def test_bad_shards_and_empty_corpora_get_one_line(tmp_path, enc, capsys):
     shard.write_bytes(good[:10] + bytes([good[10] ^ 1]) + good[11:])  # one bit flipped: same size, other sha256
     r = run_main("train.py", args, capsys)
     assert_one_line_error(r, "train_000001.bin does not match the sha256 meta.json gives for it")
+    assert Tokens(str(data / "c"), "train", meta, verify=False).n == meta["train_tokens"]  # --verify_shards=False
     shard.unlink()
     r = run_main("train.py", args, capsys)
     assert_one_line_error(r, "train_000001.bin, listed in meta.json, is missing")
