@@ -447,6 +447,11 @@ def test_bad_shards_and_empty_corpora_get_one_line(tmp_path, enc, capsys):
         Tokens(str(data / "c"), "train", meta)
     shard.write_bytes(good)
     assert Tokens(str(data / "c"), "train", meta).n == meta["train_tokens"]
+    raw = json.loads((data / "c" / "meta.json").read_text(encoding="utf-8"))
+    raw["shards"]["val"][0]["sha256"] = "not hex"
+    (data / "c" / "meta.json").write_text(json.dumps(raw), encoding="utf-8")
+    with pytest.raises(DataError, match=r"shards\['val'\]\[0\] must be \{file: 'val_NNNNNN.bin', tokens: N, sha256: HEX\}"):
+        load_meta(str(data / "c"))
 
     (tmp_path / "empty").mkdir()
     for name in ("a.txt", "b.txt"):

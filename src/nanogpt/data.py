@@ -21,8 +21,8 @@ import io
 import json
 import os
 import pickle
-import re
 import queue
+import re
 import threading
 from dataclasses import dataclass
 
