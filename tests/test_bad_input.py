@@ -335,5 +335,5 @@ def test_a_failed_prepare_leaves_no_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "new" / "data"
     r = run_cli(["-m", "nanogpt.cli", "prepare", "corpus", "--source=%s" % (tmp_path / "empty"), "--out_dir=%s" % out])
-    assert_one_line_error(r, "no .txt, .jsonl or .json files")
+    assert_one_line_error(r, "no .txt, .jsonl, .json, .jsonl.gz, .jsonl.zst or .parquet files")
     assert not out.exists()

@@ -3,7 +3,6 @@
 import json
 import os
 import pickle
-import random
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from nanogpt import prepare
 from nanogpt.data import load_meta
 from nanogpt.download import fetch, sha256_of
 from nanogpt.errors import DataError, PrepareError
-from nanogpt.prepare import prepare_corpus, prepare_shakespeare_char
+from nanogpt.prepare import prepare_shakespeare_char
 from nanogpt.tokenizer import CharTokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,26 +188,6 @@ def test_interrupted_download_leaves_no_file(tmp_path, monkeypatch):
 # any corpus
 
 
-def test_long_documents_are_cut_without_changing_tokens(enc, tmp_path):
-    rng = random.Random(0)
-    alphabet = ["a", "Zq", " ", "  ", "\n", "\n\n", "\t", "\r\n", "'s", "'ll", "12", "!?", ".", "\u00a0", "\u3000",
-                "\u2028", "é", "✓", "\x1c", "\n ", " \n", "'"]
-    for trial in range(300):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
-        size = rng.randint(1, 30)
-        pieces = list(prepare._text_pieces(text, size))
-        assert "".join(pieces) == text
-        assert [t for p in pieces for t in enc.encode_ordinary(p)] == enc.encode_ordinary(text), (text, size)
-        path = tmp_path / "t.txt"
-        path.write_text(text, encoding="utf-8", newline="")
-        read = path.read_text(encoding="utf-8")  # newlines as Python reads them
-        pieces = list(prepare._file_pieces(str(path), size))
-        assert "".join(pieces) == read
-        assert [t for p in pieces for t in enc.encode_ordinary(p)] == enc.encode_ordinary(read), (text, size)
-    pieces = list(prepare._text_pieces(TEXT, 5000))
-    assert len(pieces) > 200 and max(map(len, pieces)) <= 5000
-
-
 def make_corpus(root: Path):
     """A folder of .txt files and a .jsonl file; returns the documents in the order they are read."""
     (root / "b_sub").mkdir(parents=True)
@@ -223,91 +202,6 @@ def make_corpus(root: Path):
         for i, r in enumerate(rows):
             f.write(json.dumps({"id": i, "text": r}) + "\n" + ("\n" if i == 3 else ""))  # a blank line is skipped
     return [txt["a.txt"], txt["b_sub/c.txt"], txt["b_sub/d.txt"]] + rows + [txt["z.txt"]]
-
-
-def split_docs(ids: np.ndarray, enc) -> list:
-    docs, start = [], 0
-    for end in np.flatnonzero(ids == EOT):
-        docs.append(enc.decode(ids[start:end].tolist()))
-        start = end + 1
-    assert start == len(ids)
-    return docs
-
-
-def test_corpus_from_local_files(tmp_path, enc, monkeypatch):
-    docs = make_corpus(tmp_path / "src")
-    expected = sum(len(enc.encode_ordinary(t)) + 1 for t in docs)
-    outs = {}
-    for num_proc, chunk, piece, batch in ((1, 1 << 22, 1 << 20, 1 << 20), (2, 7, 50, 100)):
-        monkeypatch.setattr(prepare, "PIECE_CHARS", piece)  # long documents are cut: same tokens
-        monkeypatch.setattr(prepare, "BATCH_CHARS", batch)  # many small tasks for the workers
-        out = tmp_path / ("out%d" % num_proc)
-        meta = prepare_corpus(str(out), str(tmp_path / "src"), val_fraction=0.2, num_proc=num_proc, chunk_tokens=chunk)
-        train = np.fromfile(out / "train.bin", dtype=np.uint16)
-        val = np.fromfile(out / "val.bin", dtype=np.uint16)
-        assert len(train) + len(val) == expected == meta["train_tokens"] + meta["val_tokens"]
-        assert meta["documents"] == {"train": 13, "val": 3}
-        assert (meta["dtype"], meta["tokenizer"], meta["vocab_size"]) == ("uint16", "gpt2", 50257)
-        assert meta == json.loads((out / "meta.json").read_text(encoding="utf-8"))
-        train_docs, val_docs = split_docs(train, enc), split_docs(val, enc)
-        assert len(val_docs) == 3 and sorted(train_docs + val_docs) == sorted(docs)
-        # each split keeps the documents in reading order
-        assert train_docs == [d for d in docs if d in train_docs] and val_docs == [d for d in docs if d in val_docs]
-        assert meta["max_token_id"] == max(train.max(), val.max())
-        assert not list(out.glob("*.tmp"))
-        outs[num_proc] = out
-    for name in ("train.bin", "val.bin"):
-        assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes()
-    # another seed picks other documents
-    prepare_corpus(str(tmp_path / "seed"), str(tmp_path / "src"), val_fraction=0.2, num_proc=1, seed=1)
-    assert (tmp_path / "seed" / "val.bin").read_bytes() != (outs[1] / "val.bin").read_bytes()
-
-
-def test_corpus_single_files_and_small_corpora(tmp_path, enc):
-    # one .jsonl file, another field name; a tiny val_fraction still holds out one document
-    with open(tmp_path / "d.jsonl", "w", encoding="utf-8") as f:
-        f.write(json.dumps({"body": "alpha"}) + "\n" + json.dumps({"body": "beta gamma"}) + "\n")
-    meta = prepare_corpus(str(tmp_path / "o1"), str(tmp_path / "d.jsonl"), text_field="body", num_proc=1)
-    assert meta["documents"] == {"train": 1, "val": 1}
-    # a JSON array file, without end-of-text tokens
-    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}, {"text": "three"}]))
-    meta = prepare_corpus(str(tmp_path / "o2"), str(tmp_path / "a.json"), num_proc=1, append_eot=False)
-    assert meta["train_tokens"] + meta["val_tokens"] == 3 and meta["eot_token"] is None
-    # a single document (one .txt): its last 10% of tokens become val.bin
-    text = TEXT[:20_000]
-    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
-    meta = prepare_corpus(str(tmp_path / "o3"), str(tmp_path / "book.txt"), num_proc=1)
-    total = len(enc.encode_ordinary(text)) + 1
-    assert (meta["train_tokens"], meta["val_tokens"], meta["val_split_by"]) == (total - total // 10, total // 10, "tokens")
-    both = np.concatenate([np.fromfile(tmp_path / "o3" / s, dtype=np.uint16) for s in ("train.bin", "val.bin")])
-    assert both.tolist() == enc.encode_ordinary(text) + [EOT]
-
-
-def test_corpus_errors(tmp_path, enc):
-    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n{"text": "y"}\n')
-    with pytest.raises(PrepareError, match=r"bad\.jsonl line 1 has no 'text' field; pass --text_field"):
-        prepare_corpus(str(tmp_path / "o"), str(tmp_path / "bad.jsonl"), num_proc=1)
-    # the same error through the worker pool, and nothing left behind
-    with pytest.raises(PrepareError, match="has no 'text' field"):
-        prepare_corpus(str(tmp_path / "o"), str(tmp_path / "bad.jsonl"), num_proc=2)
-    assert os.listdir(tmp_path / "o") == []
-    (tmp_path / "broken.jsonl").write_text('{"text": "x"}\n{"text": \n')
-    with pytest.raises(PrepareError, match="line 2 is not valid JSON"):
-        prepare_corpus(str(tmp_path / "o"), str(tmp_path / "broken.jsonl"), num_proc=1)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(PrepareError, match="no .txt, .jsonl or .json files under"):
-        prepare_corpus(str(tmp_path / "o"), str(tmp_path / "empty"), num_proc=1)
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(PrepareError, match="unsupported file type"):
-        prepare_corpus(str(tmp_path / "o"), str(tmp_path / "data.csv"), num_proc=1)
-    with pytest.raises(PrepareError, match=r"val_fraction must be in \[0, 1\)"):
-        prepare_corpus(str(tmp_path / "o"), str(tmp_path / "bad.jsonl"), val_fraction=1.0)
-
-
-def test_hub_dataset_without_datasets_package(tmp_path, enc, monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
-    with pytest.raises(PrepareError, match=r"not a local file or folder.*pip install datasets"):
-        prepare_corpus(str(tmp_path / "o"), "someone/some-dataset", num_proc=1)
 
 
 # --------------------------------------------------------------------------------------------

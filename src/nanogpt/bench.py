@@ -17,7 +17,7 @@ import torch
 
 from . import fp8, runtime
 from .config import Config, Section, setting
-from .data import BatchLoader, DataConfig, load_meta
+from .data import BatchLoader, DataConfig, has_split, load_meta
 from .errors import ConfigError, run_command
 from .model import GPT, GPTConfig
 from .optim import OptimConfig, build, optimizer_state_bytes
@@ -70,8 +70,8 @@ def measure_matmul_peak(device: str, dtype: str, n: int = 8192, reps: int = 20) 
 def batches(cfg: BenchConfig, device: str):
     """(next_batch, loader or None, a description): the dataset's batches, or random tokens."""
     data_dir = os.path.join(cfg.data_root, cfg.dataset)
-    if cfg.real_data and os.path.isfile(os.path.join(data_dir, "train.bin")):
-        meta = load_meta(data_dir) or {}
+    meta = (load_meta(data_dir) if cfg.real_data and os.path.isdir(data_dir) else None) or {}
+    if cfg.real_data and has_split(data_dir, "train", meta):
         loader = BatchLoader(data_dir, "train", cfg.batch_size, cfg.block_size, device, cfg.seed,
                              meta.get("dtype", "uint16"), cfg.vocab_size, cfg.dataset, prefetch=cfg.prefetch, meta=meta)
         return loader.next, loader, "data from %s" % data_dir

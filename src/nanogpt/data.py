@@ -3,8 +3,11 @@
 A dataset is a folder ``<data_root>/<dataset>/`` holding ``train.bin`` and ``val.bin`` (token ids
 as raw unsigned integers, uint16 when every id fits, else uint32) and ``meta.json``
 (``vocab_size``, ``dtype``, ``tokenizer``, token counts, the largest id, and for character data
-the ``stoi`` / ``itos`` tables). Old nanoGPT folders with ``meta.pkl`` still load, read without
-unpickling anything but plain values. Everything read is checked when it is opened.
+the ``stoi`` / ``itos`` tables). A large corpus comes in shards instead (``train_000000.bin``,
+...), which ``meta.json`` lists under ``shards`` with their token counts and sha256s; a split is
+read as the shards one after another (:class:`Tokens`), so its batches are those of the same
+tokens in one file. Old nanoGPT folders with ``meta.pkl`` still load, read without unpickling
+anything but plain values. Everything read is checked when it is opened.
 
 Batches are random windows of ``block_size + 1`` tokens, drawn by a seeded generator whose state
 goes into checkpoints, so a resumed run reads the batches an uninterrupted one would.
@@ -12,11 +15,14 @@ goes into checkpoints, so a resumed run reads the batches an uninterrupted one w
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import io
 import json
 import os
 import pickle
 import queue
+import re
 import threading
 from dataclasses import dataclass
 
@@ -27,6 +33,7 @@ from .config import Section, setting
 from .errors import ConfigError, DataError
 
 DTYPES = ("uint16", "uint32")
+SHARD_FILE = re.compile(r"^(train|val)_\d{6}\.bin$")
 
 
 @dataclass
@@ -38,6 +45,7 @@ class DataConfig(Section):
     batch_size: int = setting(12, "Sequences per micro-step per process.", gt=0)
     gradient_accumulation_steps: int = setting(40, "Micro-steps per optimizer step, summed over all processes (divided by the world size under DDP).",
                                                gt=0)
+    verify_shards: bool = setting(True, "Check each shard of a sharded dataset against the sha256 in its meta.json when training starts (each process reads every shard once).")
     prefetch: int = setting(2, "Training batches a background thread reads ahead while the device works (0 reads each in the loop); the batches and a resume are the same either way.",
                             ge=0)
 
@@ -138,7 +146,29 @@ def check_meta(meta, path: str) -> dict:
         raise DataError("%s has %s without %s; prepare the dataset again" % (path, *(("stoi", "itos") if "stoi" in meta else ("itos", "stoi"))))
     if "stoi" in meta:
         meta["itos"] = _check_char_tables(meta, path)
+    if meta.get("shards") is not None:
+        _check_shards(meta, path)
     return meta
+
+
+def _check_shards(meta: dict, path: str) -> None:
+    shards = meta["shards"]
+    if not isinstance(shards, dict):
+        raise DataError("%s: 'shards' must map each split to a list of shards; prepare the dataset again" % path)
+    for split, parts in shards.items():
+        if not isinstance(parts, list):
+            raise DataError("%s: shards[%r] must be a list; prepare the dataset again" % (path, split))
+        for k, part in enumerate(parts):
+            ok = (isinstance(part, dict) and isinstance(part.get("file"), str) and SHARD_FILE.match(part["file"])
+                  and _is_int(part.get("tokens")) and part["tokens"] >= 0 and isinstance(part.get("sha256"), str)
+                  and re.fullmatch(r"[0-9a-f]{64}", part["sha256"]))
+            if not ok:
+                raise DataError("%s: shards[%r][%d] must be {file: '%s_NNNNNN.bin', tokens: N, sha256: HEX}, got %r; "
+                                "prepare the dataset again" % (path, split, k, split, part))
+        want = meta.get("%s_tokens" % split)
+        if want is not None and want != sum(p["tokens"] for p in parts):
+            raise DataError("%s: %s_tokens is %d but its shards hold %d; prepare the dataset again"
+                            % (path, split, want, sum(p["tokens"] for p in parts)))
 
 
 def _check_char_tables(meta: dict, path: str) -> dict:
@@ -184,12 +214,120 @@ def token_count(path: str, dtype: str, meta: dict | None = None, split: str = ""
     return n
 
 
+_CHECKED: dict = {}  # (path, size, mtime) -> sha256: each shard is hashed once per process
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKED:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _CHECKED[key] = h.hexdigest()
+    return _CHECKED[key]
+
+
+def has_split(data_dir: str, split: str, meta: dict | None = None) -> bool:
+    """Whether the dataset has ``split``: a manifest entry for it, or ``<split>.bin``."""
+    shards = (meta or {}).get("shards")
+    if shards is not None:
+        return split in shards
+    return os.path.isfile(os.path.join(data_dir, "%s.bin" % split))
+
+
+class Tokens:
+    """The tokens of one split, read as one sequence: ``<split>.bin``, or the shards that
+    meta.json lists for it. ``parts`` is [(path, tokens)], ``n`` their total and ``path`` what
+    messages name. Every shard is checked when this opens: present, of the listed size, and
+    (with ``verify``, once per process) of the listed sha256."""
+
+    def __init__(self, data_dir: str, split: str, meta: dict | None = None, dataset: str = "", verify: bool = True):
+        name = dataset or os.path.basename(os.path.normpath(data_dir))
+        self.dtype = np.dtype((meta or {}).get("dtype", "uint16"))
+        shards = (meta or {}).get("shards")
+        if shards is None:
+            self.path = os.path.join(data_dir, "%s.bin" % split)
+            if not os.path.exists(self.path):
+                raise DataError("dataset %r has no %s (looked for %s); %s"
+                                % (name, os.path.basename(self.path), self.path, prepare_hint(name)))
+            self.parts = [(self.path, token_count(self.path, self.dtype.name, meta, split))]
+        else:
+            self.path = os.path.join(data_dir, "%s_*.bin" % split)
+            if split not in shards:
+                raise DataError("dataset %r has no %s split in its meta.json; %s" % (name, split, prepare_hint(name)))
+            self.parts = []
+            for part in shards[split]:
+                path = os.path.join(data_dir, part["file"])
+                if not os.path.isfile(path):
+                    raise DataError("dataset %r: shard %s, listed in meta.json, is missing; restore it or prepare the "
+                                    "dataset again" % (name, path))
+                n = token_count(path, self.dtype.name)
+                if n != part["tokens"]:
+                    raise DataError("%s holds %d tokens but meta.json says %d: the file changed or was cut short; prepare "
+                                    "the dataset again" % (path, n, part["tokens"]))
+                if verify and file_sha256(path) != part["sha256"]:
+                    raise DataError("%s does not match the sha256 meta.json gives for it: the file changed; restore it or "
+                                    "prepare the dataset again" % path)
+                if n:
+                    self.parts.append((path, n))
+        self.starts = [0]
+        for _, n in self.parts:
+            self.starts.append(self.starts[-1] + n)
+        self.n = self.starts[-1]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """``tokens[a:b]``, read from disk (as a slice of one array would give it)."""
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("Tokens reads slices with step 1 only")
+        start, stop, _ = key.indices(self.n)
+        return self.read(start, max(0, stop - start))
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens ``start .. start + count - 1`` (across shard boundaries as needed)."""
+        out = np.empty(count, dtype=self.dtype)
+        if count:
+            self.read_rows([start], out.reshape(1, count))
+        return out
+
+    def read_rows(self, starts, out: np.ndarray) -> None:
+        """Fill each row of ``out`` with the tokens from its start on: plain file reads (the GIL
+        is free while the disk works), each file opened once per call."""
+        if not 0 <= min(starts) <= max(starts) <= self.n - out.shape[1]:
+            raise DataError("%s: tokens %d..%d asked of %d" % (self.path, min(starts), max(starts) + out.shape[1], self.n))
+        files = {}
+        try:
+            for row, start in zip(out, starts):
+                done, k = 0, bisect.bisect_right(self.starts, start) - 1
+                while done < len(row):
+                    path, n = self.parts[k]
+                    at = start + done - self.starts[k]
+                    take = min(len(row) - done, n - at)
+                    f = files.get(k)
+                    if f is None:
+                        f = files[k] = open(path, "rb", buffering=0)
+                    f.seek(at * self.dtype.itemsize)
+                    view = memoryview(row[done:done + take]).cast("B")
+                    if f.readinto(view) != view.nbytes:
+                        raise DataError("%s was cut short while training read it; prepare the dataset again" % path)
+                    done += take
+                    k += 1
+        finally:
+            for f in files.values():
+                f.close()
+
+
 # --------------------------------------------------------------------------------------------
 # batches
 
 
 class BatchLoader:
-    """Samples ``batch_size`` windows of ``block_size + 1`` tokens from ``<data_dir>/<split>.bin``.
+    """Samples ``batch_size`` windows of ``block_size + 1`` tokens from a split's :class:`Tokens`
+    (``<data_dir>/<split>.bin`` or its shards; a window may span two shards).
 
     Each window is one plain file read: nothing is mapped into this process over a long run, and
     the GIL is free while the disk works. Sampling uses its own generator, whose state goes into
@@ -202,13 +340,11 @@ class BatchLoader:
 
     def __init__(self, data_dir: str, split: str, batch_size: int, block_size: int, device: str,
                  seed: int, dtype: str = "uint16", vocab_size: int | None = None, dataset: str = "",
-                 prefetch: int = 0, meta: dict | None = None):
-        self.path = os.path.join(data_dir, "%s.bin" % split)
+                 prefetch: int = 0, meta: dict | None = None, verify: bool = True):
         name = dataset or os.path.basename(os.path.normpath(data_dir))
-        if not os.path.exists(self.path):
-            raise DataError("dataset %r has no %s (looked for %s); %s" % (name, os.path.basename(self.path), self.path, prepare_hint(name)))
-        self.dtype = np.dtype(dtype)
-        n = token_count(self.path, dtype, meta, split)
+        self.tokens = Tokens(data_dir, split, dict(meta or {}, dtype=dtype), name, verify)
+        self.path, self.dtype = self.tokens.path, self.tokens.dtype
+        n = self.tokens.n
         if n == 0:
             raise DataError("%s is empty; %s" % (self.path, prepare_hint(name)))
         if n < block_size + 1:
@@ -226,11 +362,7 @@ class BatchLoader:
         """The next batch from ``generator``'s stream, still in host memory."""
         starts = torch.randint(self.n - self.block_size, (self.batch_size,), generator=generator).tolist()
         raw = np.empty((self.batch_size, self.block_size + 1), dtype=self.dtype)
-        with open(self.path, "rb", buffering=0) as f:  # plain reads: the GIL is free while the disk works
-            for row, start in zip(raw, starts):
-                f.seek(start * self.dtype.itemsize)
-                if f.readinto(memoryview(row).cast("B")) != row.nbytes:
-                    raise DataError("%s was cut short while training read it; prepare the dataset again" % self.path)
+        self.tokens.read_rows(starts, raw)
         rows = raw.astype(np.int64)  # (B, T+1)
         if self.vocab_size is not None:
             top = int(rows.max())

@@ -19,7 +19,7 @@ import torch
 from . import runtime
 from .checkpoint import load_for_inference
 from .config import Config, Section, check_init_from, check_path, setting
-from .data import dataset_dir, load_meta, prepare_hint, token_count
+from .data import Tokens, dataset_dir, load_meta, prepare_hint, token_count
 from .errors import ConfigError, DataError, UserError, run_command
 from .runtime import RuntimeConfig
 from .scoring import DOWNLOADS, encode_file, hellaswag, lambada, perplexity
@@ -105,6 +105,11 @@ def split_tokens(dataset: str, roots, split: str, tokenizer, max_tokens: int):
         mine = "a character vocabulary" if hasattr(tokenizer, "stoi") else "GPT-2 BPE"
         raise DataError("dataset %r is tokenised with %s but the model reads %s; evaluate a model trained on it, "
                         "or use --text_file" % (dataset, kind, mine))
+    if (meta or {}).get("shards") is not None:  # a sharded split: read through Tokens, a slice at a time
+        data = Tokens(folder, split, meta, dataset)
+        if data.n < 2:
+            raise DataError("%s holds fewer than 2 tokens; %s" % (data.path, prepare_hint(dataset)))
+        return (data[:max_tokens] if max_tokens else data), data.path
     path = os.path.join(folder, "%s.bin" % split)
     if not os.path.isfile(path):
         raise DataError("dataset %r has no %s.bin (looked for %s); %s" % (dataset, split, path, prepare_hint(dataset)))

@@ -7,11 +7,14 @@
 
 (``python data/<name>/prepare.py [options]`` does the same into that folder.)
 
-Every dataset folder gets ``train.bin`` and ``val.bin``, the token ids as raw unsigned integers
+Tiny Shakespeare gets ``train.bin`` and ``val.bin``, the token ids as raw unsigned integers
 (uint16 when the vocabulary fits in 65,536 ids, else uint32), and ``meta.json`` with
 ``vocab_size``, ``dtype``, ``tokenizer``, the token counts, the largest id, and for character
-data the ``stoi`` / ``itos`` tables. Files are written under a temporary name and renamed into
-place, so an interrupted run never leaves a half-written file that looks finished.
+data the ``stoi`` / ``itos`` tables. A corpus (and openwebtext) gets shards, ``train_000000.bin``,
+... and ``val_000000.bin``, ..., listed in ``meta.json`` with their sizes and sha256s, written so
+that a killed preparation continues where it stopped (see :mod:`nanogpt.corpus`). Files are
+written under a temporary name and renamed into place, so an interrupted run never leaves a
+half-written file that looks finished.
 
 Downloads are checked by sha256. Offline, point ``--mirror`` or ``NANOGPT_DATA_MIRROR`` at a
 folder holding the same files (``tinyshakespeare/input.txt``, and ``tiktoken-cache/`` for the
@@ -24,7 +27,6 @@ one document per split; each of its two files ends with that token.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -32,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Config, Section, looks_binary, setting
-from .data import load_meta, write_meta  # noqa: F401  (load_meta: the reader of what this writes)
+from .config import Config, Section, setting
+from .corpus import SHARD_TOKENS, prepare_corpus, token_dtype  # noqa: F401  (prepare_corpus: part of this module's interface)
 from .download import fetch, sha256_of
 from .errors import ConfigError, PrepareError, run_command
 
@@ -42,11 +44,6 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 SHAKESPEARE_MIRROR_PATH = "tinyshakespeare/input.txt"
 OPENWEBTEXT_HF = "Skylion007/openwebtext"  # parquet files on the hub: loads without a dataset script
 GPT2_EOT = 50256  # <|endoftext|>
-TEXT_SUFFIXES = (".txt",)
-JSON_SUFFIXES = (".jsonl", ".json")
-PIECE_CHARS = 1 << 20  # long documents are tokenized in pieces of about this many characters
-BATCH_CHARS = 1 << 20  # a worker gets about this much text per task
-BATCH_ITEMS = 4096  # and at most this many pieces
 
 
 def _log(msg: str) -> None:
@@ -81,11 +78,6 @@ def shakespeare_input(out_dir: str, mirror: str | None = None) -> str:
 # writing
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
 def write_tokens(path: str, ids: np.ndarray) -> None:
     """Write raw ids to ``path`` through a temporary file and a rename."""
     tmp = path + ".tmp"
@@ -113,6 +105,8 @@ def prepare_shakespeare_char(out_dir: str = "data/shakespeare_char", mirror: str
     """Tiny Shakespeare at character level, as nanoGPT does it: ids are the positions of the
     characters in the sorted list of distinct characters; the first 90% of the text is
     ``train.bin``, the rest ``val.bin``. Returns the meta dict written to ``meta.json``."""
+    from .data import write_meta
+
     path = shakespeare_input(out_dir, mirror)
     text = _read_text(path)
     if len(text) < 2:
@@ -138,6 +132,7 @@ def prepare_shakespeare(out_dir: str = "data/shakespeare", mirror: str | None = 
     """Tiny Shakespeare in GPT-2 BPE: the text is split 90/10 by characters, each part is encoded
     with ``encode_ordinary`` and closed by ``<|endoftext|>`` (so 301,967 train and 36,060 val
     tokens: nanoGPT's counts plus one each). Returns the meta dict written to ``meta.json``."""
+    from .data import write_meta
     from .tokenizer import get_gpt2_encoding
 
     enc = get_gpt2_encoding(mirror)
@@ -160,373 +155,6 @@ def prepare_shakespeare(out_dir: str = "data/shakespeare", mirror: str | None = 
 
 
 # --------------------------------------------------------------------------------------------
-# any corpus: documents
-
-
-def _safe_cut(text: str, lo: int, hi: int) -> int:
-    """The largest index ``i`` in (lo + 1, hi] just after a lone newline (``text[i-1]`` is a
-    newline with non-space characters on both sides), or 0. GPT-2's pre-tokenizer always ends a
-    piece there and starts a new one, so encoding the two sides separately gives the same tokens
-    as encoding the whole. (Python's ``isspace`` covers every character the tokenizer counts as
-    whitespace, so the test errs on the safe side.)"""
-    end = min(hi, len(text) - 1)
-    while True:
-        i = text.rfind("\n", lo + 1, end)
-        if i < 1:
-            return 0
-        if not text[i + 1].isspace() and not text[i - 1].isspace():
-            return i + 1
-        end = i
-
-
-def _text_pieces(text: str, size: int):
-    """``text`` in pieces of about ``size`` characters (more when no safe place is near), cut
-    only where tokenization is unaffected."""
-    start = 0
-    while len(text) - start > size:
-        cut = _safe_cut(text, start, start + size)
-        probe = start + size
-        while not cut and probe < len(text):  # no safe place in this window: look further on
-            cut = _safe_cut(text, probe - 1, probe + size)
-            probe += size
-        if not cut:
-            break
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
-
-
-def _file_pieces(path: str, size: int):
-    """A .txt file's text in pieces of about ``size`` characters, read a block at a time (a
-    large file never sits in memory whole), cut only where tokenization is unaffected."""
-    held, before = [], ""  # text read but not yielded yet; the character before this block
-    try:
-        with open(path, encoding="utf-8") as f:
-            for block in iter(lambda: f.read(size), ""):
-                view = before + block
-                cut = _safe_cut(view, 0, len(view)) - len(before)
-                if cut > 0:
-                    held.append(block[:cut])
-                    yield "".join(held)
-                    held = [block[cut:]]
-                else:
-                    held.append(block)
-                before = block[-1:]
-    except UnicodeDecodeError as e:
-        raise PrepareError("%s is not UTF-8 text (%s); convert it to UTF-8" % (path, e.reason)) from None
-    yield "".join(held)
-
-
-def _mark_last(items):
-    """(item, is it the last one?) for each item of a non-empty iterable."""
-    it = iter(items)
-    prev = next(it)
-    for item in it:
-        yield prev, False
-        prev = item
-    yield prev, True
-
-
-class _LocalDocuments:
-    """Documents from local files: each .txt file is one document; each non-blank line of a
-    .jsonl file (or .json file of JSON lines, or holding one JSON array) is one, its text in
-    ``text_field``. A folder is scanned recursively (hidden entries skipped), in sorted order."""
-
-    def __init__(self, source: str, text_field: str):
-        self.source, self.text_field = source, text_field
-        if os.path.isfile(source):
-            if not source.endswith(TEXT_SUFFIXES + JSON_SUFFIXES):
-                raise PrepareError("%s: unsupported file type; use .txt (one document per file) or .jsonl/.json "
-                                   "(one JSON object per line)" % source)
-            self.files = [source]
-        else:
-            files = []
-            for d, dirs, names in os.walk(source):
-                dirs[:] = [x for x in dirs if not x.startswith(".")]
-                files += [os.path.join(d, x) for x in names
-                          if not x.startswith(".") and x.endswith(TEXT_SUFFIXES + JSON_SUFFIXES)]
-            if not files:
-                raise PrepareError("no .txt, .jsonl or .json files under %s" % source)
-            self.files = sorted(files)
-        for p in self.files:
-            if looks_binary(p):
-                raise PrepareError("%s is not UTF-8 text (it looks binary); convert it, or leave it out of --source" % p)
-        self.count = sum(1 if p.endswith(TEXT_SUFFIXES) else self._count_json(p) for p in self.files)
-
-    @staticmethod
-    def _is_array(path: str) -> bool:
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        return head.startswith(b"[")
-
-    def _count_json(self, path: str) -> int:
-        if self._is_array(path):
-            return len(self._load_array(path))
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.strip())
-
-    @staticmethod
-    def _load_array(path: str) -> list:
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                rows = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PrepareError("%s is not a valid JSON array (%s)" % (path, e)) from None
-        if not isinstance(rows, list):
-            raise PrepareError("%s holds a JSON %s, not a list of objects" % (path, type(rows).__name__))
-        return rows
-
-    def _field(self, row, where: str) -> str:
-        if not isinstance(row, dict) or self.text_field not in row:
-            raise PrepareError("%s has no %r field; pass --text_field" % (where, self.text_field))
-        text = row[self.text_field]
-        if not isinstance(text, str):
-            raise PrepareError("%s: field %r is %s, not a string" % (where, self.text_field, type(text).__name__))
-        return text
-
-    def _rows(self, path: str):
-        if self._is_array(path):
-            for i, row in enumerate(self._load_array(path)):
-                yield "%s item %d" % (path, i), row
-            return
-        with open(path, encoding="utf-8-sig") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PrepareError("%s line %d is not valid JSON (%s)" % (path, i + 1, e.msg)) from None
-                yield "%s line %d" % (path, i + 1), row
-
-    def pieces(self, size: int):
-        """(document index, text piece, last piece of the document?) in document order."""
-        index = 0
-        for path in self.files:
-            if path.endswith(TEXT_SUFFIXES):
-                for piece, last in _mark_last(_file_pieces(path, size)):
-                    yield index, piece, last
-                index += 1
-                continue
-            for where, row in self._rows(path):
-                for piece, last in _mark_last(_text_pieces(self._field(row, where), size)):
-                    yield index, piece, last
-                index += 1
-
-
-class _HubDocuments:
-    """Documents from a Hugging Face dataset (the optional ``datasets`` package), read in order."""
-
-    def __init__(self, name: str, text_field: str, split: str, num_proc: int):
-        try:
-            import datasets
-        except ImportError:
-            raise PrepareError("%r is not a local file or folder, and reading it from the Hugging Face hub needs the "
-                               "datasets package: pip install datasets" % name) from None
-        kwargs = {"num_proc": num_proc} if num_proc > 1 else {}
-        try:
-            ds = datasets.load_dataset(name, split=split, **kwargs)
-        except Exception as e:  # the hub, the network and the files can all fail in many ways
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise PrepareError("%r is not a local file or folder, and loading it as Hugging Face dataset (split %r) "
-                               "failed: %s" % (name, split, first)) from None
-        if not hasattr(ds, "column_names") or not hasattr(ds, "__len__"):
-            raise PrepareError("Hugging Face dataset %r split %r did not load as one table" % (name, split))
-        if text_field not in ds.column_names:
-            raise PrepareError("Hugging Face dataset %r has no %r column (columns: %s); pass --text_field"
-                               % (name, text_field, ", ".join(ds.column_names)))
-        self.ds = ds.remove_columns([c for c in ds.column_names if c != text_field])
-        self.text_field = text_field
-        self.count = len(ds)
-
-    def pieces(self, size: int):
-        index = 0
-        for batch in self.ds.iter(batch_size=1000):
-            for text in batch[self.text_field]:
-                for piece, last in _mark_last(_text_pieces(text or "", size)):
-                    yield index, piece, last
-                index += 1
-
-
-def open_documents(source: str, text_field: str = "text", hf_split: str = "train", num_proc: int = 1):
-    """The documents of ``source``: a local file or folder when that path exists, else a Hugging
-    Face dataset name. The result has ``count`` and ``pieces(size)``."""
-    if os.path.exists(source):
-        return _LocalDocuments(source, text_field)
-    return _HubDocuments(source, text_field, hf_split, num_proc)
-
-
-# --------------------------------------------------------------------------------------------
-# any corpus: tokenization
-
-_WORKER: dict = {}
-
-
-def _init_worker(encoding: str, dtype: str, eot: int | None) -> None:
-    from .tokenizer import get_encoding
-    _WORKER.update(enc=get_encoding(encoding), dtype=np.dtype(dtype), eot=eot)
-
-
-def _batches(tasks, max_chars: int, max_items: int):
-    """Groups of consecutive tasks holding about ``max_chars`` characters of text."""
-    batch, chars = [], 0
-    for task in tasks:
-        batch.append(task)
-        chars += len(task[1])
-        if chars >= max_chars or len(batch) >= max_items:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def _encode_batch(batch):
-    """A worker's unit of work: [(is_val, text, last)] -> ([(is_val, last)], lengths, all ids)."""
-    enc, eot = _WORKER["enc"], _WORKER["eot"]
-    ids, lengths = [], []
-    for _, text, last in batch:
-        piece = enc.encode_ordinary(text)
-        if last and eot is not None:
-            piece.append(eot)
-        ids.extend(piece)
-        lengths.append(len(piece))
-    return [(v, last) for v, _, last in batch], lengths, np.array(ids, dtype=_WORKER["dtype"])
-
-
-class _ChunkedWriter:
-    """Appends arrays to an open binary file, a chunk of about ``chunk_tokens`` at a time."""
-
-    def __init__(self, f, chunk_tokens: int):
-        self.f, self.chunk_tokens = f, max(1, chunk_tokens)
-        self.parts, self.held, self.total, self.top = [], 0, 0, -1
-
-    def add(self, ids: np.ndarray) -> None:
-        if len(ids):
-            self.parts.append(ids)
-            self.held += len(ids)
-            if self.held >= self.chunk_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.parts:
-            chunk = np.concatenate(self.parts)
-            self.top = max(self.top, int(chunk.max()))
-            self.f.write(chunk.tobytes())
-            self.total += len(chunk)
-            self.parts, self.held = [], 0
-
-
-def _consume(results, writers, bar) -> None:
-    for flags, lengths, ids in results:
-        offset, done = 0, 0
-        for (is_val, last), k in zip(flags, lengths):
-            writers[is_val].add(ids[offset:offset + k])
-            offset += k
-            done += last
-        bar.update(done)
-
-
-def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_fraction: float = 0.0005,
-                   num_proc: int | None = None, hf_split: str = "train", seed: int = 2357,
-                   chunk_tokens: int = 1 << 22, append_eot: bool = True, encoding: str = "gpt2",
-                   mirror: str | None = None) -> dict:
-    """Tokenize any corpus into ``out_dir``/train.bin, val.bin and meta.json.
-
-    ``source`` is a local .txt / .jsonl / .json file, a folder of them (scanned recursively,
-    sorted), or a Hugging Face dataset name (``datasets.load_dataset(source, split=hf_split)``).
-    A seeded shuffle of the document indices picks ``val_fraction`` of the documents (at least
-    one when there are two or more) for val.bin; a corpus of one document is split by tokens
-    instead, its last 10% (or ``val_fraction`` if larger) going to val.bin. Each document is
-    encoded with ``encode_ordinary`` of the tiktoken ``encoding`` and followed by its
-    end-of-text token when ``append_eot``. ``num_proc`` processes (default: min(8, CPUs)) do
-    the work in order, so the files do not depend on their number. Memory stays bounded: long
-    documents are cut into pieces where tokenization allows it, and tokens go to disk in
-    chunks of ``chunk_tokens``. Returns the meta dict written to ``meta.json``.
-    """
-    from tqdm import tqdm
-
-    from .tokenizer import get_encoding
-
-    if not 0.0 <= val_fraction < 1.0:
-        raise PrepareError("val_fraction must be in [0, 1); got %r" % val_fraction)
-    num_proc = int(num_proc or min(8, os.cpu_count() or 1))
-    if num_proc < 1:
-        raise PrepareError("num_proc must be at least 1; got %d" % num_proc)
-    docs = open_documents(source, text_field, hf_split, num_proc)  # a bad source fails before any download
-    enc = get_encoding(encoding, mirror)  # fails early; also sets the cache folder the workers inherit
-    dtype = token_dtype(enc.n_vocab)
-    eot = enc.eot_token if append_eot else None
-    n = docs.count
-    if n == 0:
-        raise PrepareError("%s holds no documents" % source)
-    is_val = np.zeros(n, dtype=bool)
-    n_val = 0
-    if n >= 2:
-        n_val = min(n - 1, max(1, round(n * val_fraction)))
-        is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {split: os.path.join(out_dir, split + ".bin") for split in ("train", "val")}
-    tmps = {split: p + ".tmp" for split, p in paths.items()}
-    tasks = ((bool(is_val[i]), text, last) for i, text, last in docs.pieces(PIECE_CHARS))
-    batches = _batches(tasks, BATCH_CHARS, BATCH_ITEMS)
-    try:
-        with open(tmps["train"], "wb") as ft, open(tmps["val"], "wb") as fv, \
-                tqdm(total=n, desc="tokenizing", unit="doc", dynamic_ncols=True) as bar:
-            writers = {False: _ChunkedWriter(ft, chunk_tokens), True: _ChunkedWriter(fv, chunk_tokens)}
-            initargs = (encoding, dtype.name, eot)
-            if num_proc == 1:
-                _init_worker(*initargs)
-                _consume(map(_encode_batch, batches), writers, bar)
-            else:
-                import multiprocessing
-
-                # spawn: fresh workers that share no threads or locks with this process
-                with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, initargs) as pool:
-                    _consume(pool.imap(_encode_batch, batches), writers, bar)
-            for w in writers.values():
-                w.flush()
-        counts = {"train": writers[False].total, "val": writers[True].total}
-        top = max(writers[False].top, writers[True].top)
-        split_by = "documents"
-        if n == 1:  # one document: its last tokens become the validation data
-            split_by = "tokens"
-            counts = _split_tail(tmps["train"], tmps["val"], dtype, max(val_fraction, 0.1))
-        for split in ("train", "val"):
-            os.replace(tmps[split], paths[split])
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    meta = {"vocab_size": enc.n_vocab, "dtype": dtype.name, "tokenizer": encoding,
-            "train_tokens": counts["train"], "val_tokens": counts["val"], "max_token_id": int(top),
-            "eot_token": eot, "documents": {"train": n - n_val, "val": n_val}, "val_split_by": split_by,
-            "source": source, "seed": seed}
-    write_meta(out_dir, meta)
-    held_out = "%s in val" % f"{n_val:,}" if split_by == "documents" else "its last tokens in val"
-    _log("%s: %s document%s (%s), %s; train %s tokens, val %s tokens" % (
-        out_dir, f"{n:,}", "" if n == 1 else "s", held_out, dtype.name, f"{counts['train']:,}", f"{counts['val']:,}"))
-    if counts["val"] == 0 or counts["train"] == 0:
-        _log("warning: %s is empty; add more text" % ("val.bin" if counts["val"] == 0 else "train.bin"))
-    return meta
-
-
-def _split_tail(train_tmp: str, val_tmp: str, dtype: np.dtype, share: float) -> dict:
-    """Move the last ``share`` of the tokens in ``train_tmp`` to ``val_tmp`` (on disk, in place)."""
-    total = os.path.getsize(train_tmp) // dtype.itemsize
-    keep = total - max(1, int(total * share)) if total >= 2 else total
-    if keep < total:
-        mm = np.memmap(train_tmp, dtype=dtype, mode="r")
-        with open(val_tmp, "wb") as f:
-            for start in range(keep, total, 1 << 22):
-                f.write(np.asarray(mm[start:min(total, start + (1 << 22))]).tobytes())
-        del mm
-        os.truncate(train_tmp, keep * dtype.itemsize)
-    return {"train": keep, "val": total - keep}
-
-
-# --------------------------------------------------------------------------------------------
 # command line
 
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext", "corpus")
@@ -538,13 +166,18 @@ class PrepareSettings(Section):
 
     out_dir: str = setting("", "Output folder (default: data/<name>, or the folder of data/<name>/prepare.py).", path="out")
     mirror: str = setting("", "Local folder mirroring the downloads (default: $NANOGPT_DATA_MIRROR).", path="dir")
-    source: str = setting("", "A .txt/.jsonl/.json file or a folder of them, or a Hugging Face dataset name (openwebtext: %s)."
-                          % OPENWEBTEXT_HF)
+    source: str = setting("", "A .txt/.jsonl/.json (.gz, .zst)/.parquet file or a folder of them, or a Hugging Face dataset "
+                          "name, streamed (openwebtext: %s)." % OPENWEBTEXT_HF)
+    tokenizer: str = setting("gpt2", "Tokenizer of corpus and openwebtext: gpt2.")
     text_field: str = setting("text", "JSON field / dataset column with the text.")
     val_fraction: float = setting(0.0005, "Share of documents held out for val.bin.", ge=0, lt=1)
     num_proc: int = setting(0, "Tokenizer processes (0: min(8, CPUs)).", ge=0)
     split: str = setting("train", "Hugging Face split to read.")
-    seed: int = setting(2357, "Seed of the train/val document shuffle.")
+    hf_config: str = setting("", "Hugging Face dataset configuration (subset) to read, e.g. sample-10BT.")
+    seed: int = setting(2357, "Seed of the draws that pick the val documents.", ge=0)
+    shard_tokens: int = setting(SHARD_TOKENS, "Tokens per shard file (train_000000.bin, ...); the last shard of a split holds the rest.",
+                                gt=0)
+    dedup: bool = setting(False, "Leave out documents whose text equals an earlier document's.")
 
     def check(self) -> None:
         if not self.text_field:
@@ -574,8 +207,10 @@ def prepare(name: str, cfg: PrepareConfig, default_out: str | None = None) -> di
         if not source:
             raise PrepareError("corpus needs --source=PATH (a .txt/.jsonl/.json file or a folder of them) "
                                "or --source=HF_DATASET_NAME")
-        return prepare_corpus(out, source, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
-                              num_proc=cfg.num_proc or None, hf_split=cfg.split, seed=cfg.seed, mirror=cfg.mirror or None)
+        return prepare_corpus(out, source, tokenizer=cfg.tokenizer, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
+                              num_proc=cfg.num_proc or None, hf_split=cfg.split, hf_config=cfg.hf_config, seed=cfg.seed,
+                              shard_tokens=cfg.shard_tokens,
+                              dedup=cfg.dedup, mirror=cfg.mirror or None)
     except BaseException:
         if created and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)

@@ -89,8 +89,24 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.enc.encode(text, allowed_special={EOT_TEXT})
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        """The ids of ``text`` with special-token text encoded as plain text."""
+        return self.enc.encode_ordinary(text)
+
     def decode(self, ids) -> str:
         return self.enc.decode([int(i) for i in ids])
+
+    def meta(self) -> dict:
+        """What a dataset's meta.json records so that :func:`load_tokenizer` rebuilds this."""
+        return {"tokenizer": self.enc.name, "vocab_size": self.vocab_size, "eot_token": self.eot_token}
+
+
+def corpus_tokenizer(spec: str, texts=None, mirror: str | None = None):
+    """The tokenizer ``prepare corpus --tokenizer=SPEC`` encodes with: 'gpt2' (GPT-2 BPE).
+    ``texts`` (the corpus, as an iterable of strings) is for tokenizers built from the corpus."""
+    if spec != "gpt2":
+        raise TokenizerError("--tokenizer=%s: this version prepares corpora with --tokenizer=gpt2 only" % spec)
+    return BPETokenizer("gpt2", mirror)
 
 
 def load_tokenizer(meta: dict | None):

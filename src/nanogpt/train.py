@@ -155,7 +155,7 @@ class Run:
     def loader(self, split: str, seed: int, prefetch: int = 0) -> BatchLoader:
         return BatchLoader(self.data_dir, split, self.cfg.batch_size, self.gconf.block_size, self.rt.device, seed,
                            (self.meta or {}).get("dtype", "uint16"), self.gconf.vocab_size, self.cfg.dataset,
-                           prefetch=prefetch, meta=self.meta)
+                           prefetch=prefetch, meta=self.meta, verify=self.cfg.verify_shards)
 
     def _model(self) -> None:
         cfg, log = self.cfg, self.log
