@@ -3,7 +3,8 @@
     nanogpt prepare shakespeare_char           # tiny Shakespeare, one token per character
     nanogpt prepare shakespeare                # tiny Shakespeare, GPT-2 BPE
     nanogpt prepare openwebtext                # OpenWebText from the Hugging Face hub (needs `datasets`)
-    nanogpt prepare corpus --source=PATH_OR_HF_NAME --out_dir=data/mine
+    nanogpt prepare corpus --source=PATH_OR_HF_NAME --out_dir=data/mine [--tokenizer=gpt2|char|DIR]
+    nanogpt prepare tokenizer --source=PATH_OR_HF_NAME --vocab_size=8192 --out=DIR   # see bpe.py
 
 (``python data/<name>/prepare.py [options]`` does the same into that folder.)
 
@@ -590,7 +591,11 @@ def main(argv: list[str] | None = None, name: str | None = None, out_dir: str | 
             if not args or args[0].startswith("-"):
                 if args and args[0] in ("-h", "--help"):
                     PrepareConfig.parse(args)
-                raise ConfigError("name the dataset: nanogpt prepare {%s} [--key=value ...]" % ",".join(DATASETS))
+                raise ConfigError("name the dataset: nanogpt prepare {%s} [--key=value ...]" % ",".join(DATASETS + ("tokenizer",)))
+            if args[0] == "tokenizer":  # not a dataset: trains a tokenizer (bpe.py)
+                from .bpe import TokenizerConfig, prepare_tokenizer
+                prepare_tokenizer(TokenizerConfig.parse(args[1:]))
+                return
             prepare(args[0], PrepareConfig.parse(args[1:]), out_dir)
         else:
             prepare(name, PrepareConfig.parse(args), out_dir)
