@@ -363,9 +363,9 @@ def open_documents(source: str, text_field: str = "text", hf_split: str = "train
 _WORKER: dict = {}
 
 
-def _init_worker(encoding: str, dtype: str, eot: int | None) -> None:
-    from .tokenizer import get_encoding
-    _WORKER.update(enc=get_encoding(encoding), dtype=np.dtype(dtype), eot=eot)
+def _init_worker(tokenizer_meta: dict, dtype: str, eot: int | None) -> None:
+    from .tokenizer import load_tokenizer
+    _WORKER.update(enc=load_tokenizer(tokenizer_meta), dtype=np.dtype(dtype), eot=eot)
 
 
 def _batches(tasks, max_chars: int, max_items: int):
@@ -429,7 +429,7 @@ def _consume(results, writers, bar) -> None:
 
 def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_fraction: float = 0.0005,
                    num_proc: int | None = None, hf_split: str = "train", seed: int = 2357,
-                   chunk_tokens: int = 1 << 22, append_eot: bool = True, encoding: str = "gpt2",
+                   chunk_tokens: int = 1 << 22, append_eot: bool = True, tokenizer: str = "gpt2",
                    mirror: str | None = None) -> dict:
     """Tokenize any corpus into ``out_dir``/train.bin, val.bin and meta.json.
 
@@ -438,7 +438,8 @@ def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_f
     A seeded shuffle of the document indices picks ``val_fraction`` of the documents (at least
     one when there are two or more) for val.bin; a corpus of one document is split by tokens
     instead, its last 10% (or ``val_fraction`` if larger) going to val.bin. Each document is
-    encoded with ``encode_ordinary`` of the tiktoken ``encoding`` and followed by its
+    encoded with ``encode_ordinary`` of ``tokenizer`` (``'gpt2'``, ``'char'`` or a folder from
+    ``nanogpt prepare tokenizer``; see tokenizer.corpus_tokenizer) and followed by its
     end-of-text token when ``append_eot``. ``num_proc`` processes (default: min(8, CPUs)) do
     the work in order, so the files do not depend on their number. Memory stays bounded: long
     documents are cut into pieces where tokenization allows it, and tokens go to disk in
@@ -446,7 +447,7 @@ def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_f
     """
     from tqdm import tqdm
 
-    from .tokenizer import get_encoding
+    from .tokenizer import corpus_tokenizer
 
     if not 0.0 <= val_fraction < 1.0:
         raise PrepareError("val_fraction must be in [0, 1); got %r" % val_fraction)
@@ -454,8 +455,8 @@ def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_f
     if num_proc < 1:
         raise PrepareError("num_proc must be at least 1; got %d" % num_proc)
     docs = open_documents(source, text_field, hf_split, num_proc)  # a bad source fails before any download
-    enc = get_encoding(encoding, mirror)  # fails early; also sets the cache folder the workers inherit
-    dtype = token_dtype(enc.n_vocab)
+    enc = corpus_tokenizer(tokenizer, lambda: (text for _, text, _ in docs.pieces(PIECE_CHARS)), mirror)  # fails early
+    dtype = token_dtype(enc.vocab_size)
     eot = enc.eot_token if append_eot else None
     n = docs.count
     if n == 0:
@@ -475,7 +476,7 @@ def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_f
         with open(tmps["train"], "wb") as ft, open(tmps["val"], "wb") as fv, \
                 tqdm(total=n, desc="tokenizing", unit="doc", dynamic_ncols=True) as bar:
             writers = {False: _ChunkedWriter(ft, chunk_tokens), True: _ChunkedWriter(fv, chunk_tokens)}
-            initargs = (encoding, dtype.name, eot)
+            initargs = (enc.meta(), dtype.name, eot)
             if num_proc == 1:
                 _init_worker(*initargs)
                 _consume(map(_encode_batch, batches), writers, bar)
@@ -500,7 +501,7 @@ def prepare_corpus(out_dir: str, source: str, *, text_field: str = "text", val_f
             if os.path.exists(tmp):
                 os.remove(tmp)
 
-    meta = {"vocab_size": enc.n_vocab, "dtype": dtype.name, "tokenizer": encoding,
+    meta = {**enc.meta(), "dtype": dtype.name,
             "train_tokens": counts["train"], "val_tokens": counts["val"], "max_token_id": int(top),
             "eot_token": eot, "documents": {"train": n - n_val, "val": n_val}, "val_split_by": split_by,
             "source": source, "seed": seed}
@@ -546,6 +547,7 @@ class PrepareSettings(Section):
     num_proc: int = setting(0, "Tokenizer processes (0: min(8, CPUs)).", ge=0)
     split: str = setting("train", "Hugging Face split to read.")
     seed: int = setting(2357, "Seed of the train/val document shuffle.")
+    tokenizer: str = setting("gpt2", "corpus: 'gpt2' (GPT-2 BPE), 'char' (the corpus's characters) or a folder from `nanogpt prepare tokenizer`.")
 
     def check(self) -> None:
         if not self.text_field:
@@ -570,13 +572,16 @@ def prepare(name: str, cfg: PrepareConfig, default_out: str | None = None) -> di
         if name in ("shakespeare_char", "shakespeare"):
             if cfg.source:
                 raise PrepareError("--source is for openwebtext and corpus; %s always reads tiny Shakespeare" % name)
+            if cfg.tokenizer != "gpt2":
+                raise PrepareError("--tokenizer is for openwebtext and corpus; %s has its own (use corpus --source=FILE for another)" % name)
             return (prepare_shakespeare_char if name == "shakespeare_char" else prepare_shakespeare)(out, cfg.mirror or None)
         source = cfg.source or (OPENWEBTEXT_HF if name == "openwebtext" else None)
         if not source:
             raise PrepareError("corpus needs --source=PATH (a .txt/.jsonl/.json file or a folder of them) "
                                "or --source=HF_DATASET_NAME")
         return prepare_corpus(out, source, text_field=cfg.text_field, val_fraction=cfg.val_fraction,
-                              num_proc=cfg.num_proc or None, hf_split=cfg.split, seed=cfg.seed, mirror=cfg.mirror or None)
+                              num_proc=cfg.num_proc or None, hf_split=cfg.split, seed=cfg.seed, tokenizer=cfg.tokenizer,
+                              mirror=cfg.mirror or None)
     except BaseException:
         if created and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
