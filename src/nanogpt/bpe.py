@@ -195,6 +195,15 @@ def source_texts(source: str, field: str = "text", split: str = "train"):
 # training
 
 
+def _first_text_or_fail(texts, source: str, field: str):
+    """``texts`` again, once one that is not empty has been read; a source without text is an error."""
+    import itertools
+    for text in texts:
+        if text:
+            return itertools.chain([text], texts)
+    raise PrepareError("%s holds no text (field %r); check --source and --text_field" % (source, field))
+
+
 class _Feed:
     """Batches of texts for the trainer, counting what went through and keeping the first
     ``SAMPLE_BYTES`` of it; stops after ``max_bytes`` bytes of text (0: no limit)."""
@@ -210,7 +219,11 @@ class _Feed:
         for text in self.texts:
             if not text:
                 continue
-            n = len(text.encode("utf-8"))
+            data = text.encode("utf-8")
+            n = len(data)
+            if self.max_bytes and self.bytes + n > self.max_bytes:  # the last text read is cut to the budget
+                n = self.max_bytes - self.bytes
+                text = data[:n].decode("utf-8", errors="ignore")
             self.docs += 1
             self.bytes += n
             self.bar.update(n)
@@ -256,6 +269,7 @@ def train_tokenizer(source: str, vocab_size: int, out: str, *, special_tokens: s
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError("out=%s is a file; choose a folder for the tokenizer" % out)
     texts, size = source_texts(source, text_field, split)  # a bad source fails here, before any work
+    texts = _first_text_or_fail(texts, source, text_field)
     tok = new_tokenizer()
     trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
