@@ -51,7 +51,7 @@ def main():
     for v in [int(x) for x in args.vocabs.split(",") if x]:
         folder = os.path.join(args.work, "tok-%d" % v)
         t0 = time.time()
-        train_tokenizer(train_txt, v, folder, progress=False)
+        train_tokenizer(train_txt, v, folder, min_frequency=1, progress=False)  # 1: a small corpus still fills 16k
         print("trained %s in %.1f s" % (folder, time.time() - t0), flush=True)
         specs.append(("bpe-%dk" % (v // 1024), folder))
     specs.append(("gpt2", "gpt2"))

@@ -203,3 +203,21 @@ def test_bad_input(tmp_path, tok_dir, capsys):
     assert not (tmp_path / "c").exists()
     with pytest.raises(Exception, match="tokenizer.json"):
         ByteBPETokenizer("{}")
+
+
+def test_hub_dataset_is_streamed(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+    calls = []
+
+    def load_dataset(name, split, streaming=False):
+        calls.append((name, split, streaming))
+        return iter([{"text": SHAKESPEARE[i * 500:(i + 1) * 500], "id": i} for i in range(20)])
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    r = run_main("prepare", ["tokenizer", "--source=someone/corpus", "--split=validation", "--vocab_size=300",
+                             "--out=%s" % (tmp_path / "t")], capsys)
+    assert r.returncode == 0, r.stderr
+    assert calls == [("someone/corpus", "validation", True)] and "from 20 texts" in r.stdout
+    assert corpus_tokenizer(str(tmp_path / "t")).vocab_size == 300
+    r = run_main("prepare", ["tokenizer", "--source=someone/corpus", "--text_field=body", "--out=%s" % (tmp_path / "u")], capsys)
+    assert_one_line_error(r, "has no 'body' field")

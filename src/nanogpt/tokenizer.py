@@ -143,6 +143,7 @@ class BPETokenizer:
         self.enc = get_encoding(name, mirror)
         self.vocab_size = self.enc.n_vocab
         self.eot_token = self.enc.eot_token
+        self.special_ids = frozenset(self.enc.encode_single_token(t) for t in self.enc.special_tokens_set)
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
@@ -158,10 +159,6 @@ class BPETokenizer:
 
     def decode_bytes(self, ids) -> bytes:
         return self.enc.decode_bytes([int(i) for i in ids])
-
-    @property
-    def special_ids(self) -> frozenset:
-        return frozenset(self.enc.encode_single_token(t) for t in self.enc.special_tokens_set)
 
     def meta(self) -> dict:
         return {"tokenizer": self.name, "vocab_size": self.vocab_size, "eot_token": self.eot_token}
