@@ -750,7 +750,7 @@ def prepare_corpus(out_dir: str, source: str, *, tokenizer: str = "gpt2", text_f
     if num_proc < 1:
         raise PrepareError("num_proc must be at least 1; got %d" % num_proc)
     src = open_source(source, text_field, hf_split, hf_config)  # a bad source fails before any download
-    tok = corpus_tokenizer(tokenizer, texts=source_texts(src), mirror=mirror)
+    tok = corpus_tokenizer(tokenizer, texts=lambda: source_texts(src), mirror=mirror)
     tok_meta = dict(tok.meta())
     vocab = int(tok.vocab_size)
     dtype = token_dtype(vocab)

@@ -7,6 +7,7 @@ import re
 import sys
 
 from .bench import BenchConfig
+from .bpe import TokenizerConfig
 from .config import markdown_table
 from .evaluate import EvalConfig
 from .export import ExportConfig
@@ -15,7 +16,7 @@ from .sample import SampleConfig
 from .train import TrainConfig
 
 SECTIONS = {"train": TrainConfig, "sample": SampleConfig, "bench": BenchConfig, "eval": EvalConfig, "export": ExportConfig,
-            "prepare": PrepareConfig}
+            "prepare": PrepareConfig, "tokenizer": TokenizerConfig}
 
 
 def render(text: str) -> str:

@@ -86,10 +86,20 @@ def same_vocabulary(meta: dict | None, tokenizer) -> bool:
     """Whether token files described by ``meta`` use ``tokenizer``'s ids."""
     if meta and "stoi" in meta:
         return dict(getattr(tokenizer, "stoi", {})) == dict(meta["stoi"])
-    if hasattr(tokenizer, "stoi"):
+    if meta and meta.get("tokenizer_json") is not None:
+        return getattr(tokenizer, "json", None) == meta["tokenizer_json"]
+    if hasattr(tokenizer, "stoi") or hasattr(tokenizer, "json"):
         return False
     name = (meta or {}).get("tokenizer") or "gpt2"
     return getattr(getattr(tokenizer, "enc", None), "name", "gpt2") == (name if name != "char" else "gpt2")
+
+
+def vocabulary_label(meta: dict | None) -> str:
+    if meta and "stoi" in meta:
+        return "a character vocabulary"
+    if meta and meta.get("tokenizer_json") is not None:
+        return "a trained BPE of %s tokens (sha256 %s...)" % (meta.get("vocab_size"), str(meta.get("tokenizer_sha256", ""))[:12])
+    return "BPE %r" % ((meta or {}).get("tokenizer") or "gpt2")
 
 
 def split_tokens(dataset: str, roots, split: str, tokenizer, max_tokens: int):
@@ -101,8 +111,9 @@ def split_tokens(dataset: str, roots, split: str, tokenizer, max_tokens: int):
         raise DataError("dataset %r not found under %s; %s" % (dataset, " or ".join(map(repr, roots)), prepare_hint(dataset)))
     meta = load_meta(folder)
     if not same_vocabulary(meta, tokenizer):
-        kind = "a character vocabulary" if meta and "stoi" in meta else "BPE %r" % ((meta or {}).get("tokenizer") or "gpt2")
-        mine = "a character vocabulary" if hasattr(tokenizer, "stoi") else "GPT-2 BPE"
+        kind = vocabulary_label(meta)
+        mine = ("a character vocabulary" if hasattr(tokenizer, "stoi") else
+                "a trained BPE of %d tokens" % tokenizer.vocab_size if hasattr(tokenizer, "json") else "GPT-2 BPE")
         raise DataError("dataset %r is tokenised with %s but the model reads %s; evaluate a model trained on it, "
                         "or use --text_file" % (dataset, kind, mine))
     if (meta or {}).get("shards") is not None:  # a sharded split: read through Tokens, a slice at a time

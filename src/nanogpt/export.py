@@ -2,7 +2,8 @@
 
 The folder written holds ``config.json`` and ``model.safetensors`` for transformers'
 ``GPT2LMHeadModel``, and the tokenizer files when the vocabulary is known: GPT-2's
-``vocab.json`` / ``merges.txt`` (what ``GPT2Tokenizer`` reads) for GPT-2 BPE, or
+``vocab.json`` / ``merges.txt`` (what ``GPT2Tokenizer`` reads) for GPT-2 BPE, a trained BPE's
+``tokenizer.json`` with its ``tokenizer_config.json`` (what ``AutoTokenizer`` reads), or
 ``vocab_chars.json`` (the id -> character table) for a character-level dataset. The weight
 mapping is hf.py's; a model with a feature GPT-2 lacks is refused before anything is written.
 """
@@ -29,7 +30,7 @@ class ExportSettings(Section):
     out_dir: str = setting("out", "Folder holding ckpt.pt when init_from='resume'.")
     hf_dir: str = setting("", "Folder to write (config.json, model.safetensors, tokenizer files); must not exist or be empty.", path="out")
     overwrite: bool = setting(False, "Replace an existing, non-empty hf_dir.")
-    tokenizer: bool = setting(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, or vocab_chars.json for a character vocabulary.")
+    tokenizer: bool = setting(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, a trained BPE's tokenizer.json, or vocab_chars.json for a character vocabulary.")
     data_root: str = setting("data", "Where the dataset folder (with meta.json) is looked up first; the training run's data_root is tried next.")
     mirror: str = setting("", "Local folder mirroring the GPT-2 BPE files (gpt2-bpe/encoder.json, gpt2-bpe/vocab.bpe); default $NANOGPT_DATA_MIRROR.",
                           path="dir")
@@ -71,11 +72,11 @@ def export(cfg: ExportConfig) -> str:
     kind = vocabulary_kind(meta, vocab_size) if cfg.tokenizer else "none"
     vocab = Vocabulary(None, meta, kind, None)
     writer = None
-    if kind in ("gpt2", "char"):
+    if kind in ("gpt2", "char", "bpe"):
         def writer(folder):
             return write_hf_tokenizer(folder, vocab, model.config.block_size, cfg.mirror or None)
     files = write_hf_folder(model, cfg.hf_dir, write_tokenizer=writer, gpt2_vocab=kind == "gpt2", overwrite=cfg.overwrite,
-                            protected=ckpt_path)
+                            protected=ckpt_path, eot_token=meta.get("eot_token") if kind == "bpe" else None)
 
     print("exported %s to %s: %s" % (name, cfg.hf_dir, ", ".join(files)))
     print("  %.2fM parameters, vocab %d, context %d, %d layers x %d heads x %d wide, bias=%s"
@@ -86,6 +87,10 @@ def export(cfg: ExportConfig) -> str:
         print("  tokenizer: GPT-2 BPE (transformers.GPT2Tokenizer.from_pretrained(%r))" % cfg.hf_dir)
         if vocab_size > GPT2_VOCAB:
             print("  ids %d..%d are padding the tokenizer never produces; mask them when sampling" % (GPT2_VOCAB, vocab_size - 1))
+    elif kind == "bpe":
+        print("  tokenizer: byte-level BPE of %d tokens (transformers.AutoTokenizer.from_pretrained(%r))" % (meta["vocab_size"], cfg.hf_dir))
+        if vocab_size > meta["vocab_size"]:
+            print("  ids %d..%d are padding the tokenizer never produces; mask them when sampling" % (meta["vocab_size"], vocab_size - 1))
     elif kind == "char":
         print("  tokenizer: one token per character, not a Hugging Face tokenizer; vocab_chars.json maps ids to text:")
         print("    itos = json.load(open('%s/vocab_chars.json'))['itos']; text = ''.join(itos[i] for i in ids)" % cfg.hf_dir)

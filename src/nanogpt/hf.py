@@ -132,11 +132,12 @@ def check_exportable(model_args: dict, source: str) -> None:
                           % (source, key, value))
 
 
-def hf_config(model_args: dict, gpt2_vocab: bool) -> dict:
-    """config.json for transformers' GPT2LMHeadModel."""
+def hf_config(model_args: dict, gpt2_vocab: bool, eot_token: int | None = None) -> dict:
+    """config.json for transformers' GPT2LMHeadModel; ``eot_token`` (GPT-2's 50256 when
+    ``gpt2_vocab``) becomes the beginning and end token id."""
     block = int(model_args["block_size"])
     dropout = float(model_args.get("dropout", 0.0))
-    eot = GPT2_EOT if gpt2_vocab else None
+    eot = GPT2_EOT if gpt2_vocab else eot_token
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -228,7 +229,7 @@ def _move_into_place(tmp: str, hf_dir: str) -> None:
 
 
 def write_hf_folder(model: GPT, hf_dir: str, *, write_tokenizer=None, gpt2_vocab: bool = False,
-                    overwrite: bool = False, protected: str | None = None) -> list[str]:
+                    overwrite: bool = False, protected: str | None = None, eot_token: int | None = None) -> list[str]:
     """Write the model as a Hugging Face folder, atomically; ``write_tokenizer(folder)`` adds
     tokenizer files and returns their names. Returns every file name written."""
     from safetensors.torch import save_file
@@ -240,7 +241,7 @@ def write_hf_folder(model: GPT, hf_dir: str, *, write_tokenizer=None, gpt2_vocab
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(hf_dir)) + ".", suffix=".tmp", dir=parent)
     try:
-        write_json(os.path.join(tmp, "config.json"), hf_config(model_args, gpt2_vocab))
+        write_json(os.path.join(tmp, "config.json"), hf_config(model_args, gpt2_vocab, eot_token))
         save_file(hf_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         files = ["config.json", "model.safetensors"]
         if write_tokenizer is not None:

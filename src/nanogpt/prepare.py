@@ -3,7 +3,8 @@
     nanogpt prepare shakespeare_char           # tiny Shakespeare, one token per character
     nanogpt prepare shakespeare                # tiny Shakespeare, GPT-2 BPE
     nanogpt prepare openwebtext                # OpenWebText from the Hugging Face hub (needs `datasets`)
-    nanogpt prepare corpus --source=PATH_OR_HF_NAME --out_dir=data/mine
+    nanogpt prepare corpus --source=PATH_OR_HF_NAME --out_dir=data/mine [--tokenizer=gpt2|char|DIR]
+    nanogpt prepare tokenizer --source=PATH_OR_HF_NAME --vocab_size=8192 --out=DIR   # see bpe.py
 
 (``python data/<name>/prepare.py [options]`` does the same into that folder.)
 
@@ -168,7 +169,7 @@ class PrepareSettings(Section):
     mirror: str = setting("", "Local folder mirroring the downloads (default: $NANOGPT_DATA_MIRROR).", path="dir")
     source: str = setting("", "A .txt/.jsonl/.json (.gz, .zst)/.parquet file or a folder of them, or a Hugging Face dataset "
                           "name, streamed (openwebtext: %s)." % OPENWEBTEXT_HF)
-    tokenizer: str = setting("gpt2", "Tokenizer of corpus and openwebtext: gpt2.")
+    tokenizer: str = setting("gpt2", "Tokenizer of corpus and openwebtext: 'gpt2' (GPT-2 BPE), 'char' (the corpus's characters) or a folder from `nanogpt prepare tokenizer`.")
     text_field: str = setting("text", "JSON field / dataset column with the text.")
     val_fraction: float = setting(0.0005, "Share of documents held out for val.bin.", ge=0, lt=1)
     num_proc: int = setting(0, "Tokenizer processes (0: min(8, CPUs)).", ge=0)
@@ -202,6 +203,8 @@ def prepare(name: str, cfg: PrepareConfig, default_out: str | None = None) -> di
         if name in ("shakespeare_char", "shakespeare"):
             if cfg.source:
                 raise PrepareError("--source is for openwebtext and corpus; %s always reads tiny Shakespeare" % name)
+            if cfg.tokenizer != "gpt2":
+                raise PrepareError("--tokenizer is for openwebtext and corpus; %s has its own (use corpus --source=FILE for another)" % name)
             return (prepare_shakespeare_char if name == "shakespeare_char" else prepare_shakespeare)(out, cfg.mirror or None)
         source = cfg.source or (OPENWEBTEXT_HF if name == "openwebtext" else None)
         if not source:
@@ -225,7 +228,11 @@ def main(argv: list[str] | None = None, name: str | None = None, out_dir: str | 
             if not args or args[0].startswith("-"):
                 if args and args[0] in ("-h", "--help"):
                     PrepareConfig.parse(args)
-                raise ConfigError("name the dataset: nanogpt prepare {%s} [--key=value ...]" % ",".join(DATASETS))
+                raise ConfigError("name the dataset: nanogpt prepare {%s} [--key=value ...]" % ",".join(DATASETS + ("tokenizer",)))
+            if args[0] == "tokenizer":  # not a dataset: trains a tokenizer (bpe.py)
+                from .bpe import TokenizerConfig, prepare_tokenizer
+                prepare_tokenizer(TokenizerConfig.parse(args[1:]))
+                return
             prepare(args[0], PrepareConfig.parse(args[1:]), out_dir)
         else:
             prepare(name, PrepareConfig.parse(args), out_dir)

@@ -72,11 +72,14 @@ def _real_logits(logits: torch.Tensor, limit: int | None) -> torch.Tensor:
 
 
 def utf8_len(tokenizer, ids) -> int:
-    """UTF-8 bytes of the text that ``ids`` stand for; ``<|endoftext|>`` counts zero."""
-    enc = getattr(tokenizer, "enc", None)
-    if enc is not None:  # byte-level BPE: exact even where one character spans two tokens
-        eot = getattr(tokenizer, "eot_token", None)
-        return len(enc.decode_bytes([int(i) for i in ids if i != eot]))
+    """UTF-8 bytes of the text that ``ids`` stand for; ``<|endoftext|>`` (and any other special
+    token) counts zero. Every tokenizer is measured on the same bytes, so bits per byte compares
+    a character vocabulary, GPT-2 BPE and a trained BPE fairly."""
+    special = getattr(tokenizer, "special_ids", None) or {getattr(tokenizer, "eot_token", None)}
+    ids = [int(i) for i in ids if int(i) not in special]
+    decode_bytes = getattr(tokenizer, "decode_bytes", None)
+    if decode_bytes is not None:  # byte-level BPE: exact even where one character spans two tokens
+        return len(decode_bytes(ids))
     return len(tokenizer.decode(ids).encode("utf-8"))
 
 
