@@ -119,14 +119,16 @@ class PackingStream:
     (``manual_seed``, ``get_state``, ``set_state``).
 
     ``units[i]`` is the length of document i's unit (its end-of-text token and its tokens),
-    cropped to ``row`` tokens. Documents come from a shuffle of ``range(len(units))`` seeded by
-    (seed, epoch); ``buffer`` of them are held, sorted by (length, arrival), for best-fit.
-    ``cropped`` counts the tokens left out of rows (informative; not part of the state)."""
+    cropped to ``row`` tokens; ``full[i]`` the uncropped length (default: ``units``).
+    Documents come from a shuffle of ``range(len(units))`` seeded by (seed, epoch); ``buffer``
+    of them are held, sorted by (length, arrival), for best-fit. ``cropped`` counts the tokens of
+    the documents taken that were left out of rows (informative; not part of the state)."""
 
     VERSION = 1
 
-    def __init__(self, units: np.ndarray, row: int, buffer: int, seed: int):
+    def __init__(self, units: np.ndarray, row: int, buffer: int, seed: int, full: np.ndarray | None = None):
         self.units, self.row, self.buffer = units, row, buffer
+        self.full = units if full is None else full
         self.cropped = 0
         self._perm_key, self._perm = None, None
         self.manual_seed(seed)
@@ -158,15 +160,11 @@ class PackingStream:
         while left:
             self._top_up()
             i = bisect.bisect_right(self.held, (left, float("inf"))) - 1  # the longest that fits
-            if i >= 0:
-                length, _, doc = self.held.pop(i)
-                out.append((doc, length))
-                left -= length
-            else:  # nothing fits: the shortest fills the gap, the rest of it is dropped
-                length, _, doc = self.held.pop(0)
-                out.append((doc, left))
-                self.cropped += length - left
-                left = 0
+            length, _, doc = self.held.pop(i if i >= 0 else 0)  # nothing fits: the shortest fills the gap
+            take = min(length, left)
+            out.append((doc, take))
+            self.cropped += int(self.full[doc]) - take
+            left -= take
         return out
 
     def get_state(self) -> torch.Tensor:
@@ -188,7 +186,7 @@ class PackingStream:
 
     def fork(self) -> "PackingStream":
         """An independent copy at the same position (for the background reader)."""
-        other = PackingStream(self.units, self.row, self.buffer, self.seed)
+        other = PackingStream(self.units, self.row, self.buffer, self.seed, self.full)
         other.set_state(self.get_state())
         return other
 
@@ -210,7 +208,7 @@ class DocumentLoader(BatchLoader):
                             "run fewer processes or use --batch_mode=windows" % (self.path, len(starts), world_size))
         self.starts, self.lengths = starts[rank::world_size], lengths[rank::world_size]
         units = np.minimum(self.lengths + 1, block_size + 1)
-        self.generator = PackingStream(units, block_size + 1, buffer, seed)
+        self.generator = PackingStream(units, block_size + 1, buffer, seed, full=self.lengths + 1)
 
     def _fork(self):
         return self.generator.fork()

@@ -182,6 +182,13 @@ class Run:
             raise DataError("dataset %r holds token id %d but the model's vocab_size is %d; use a matching dataset or --vocab_size"
                             % (cfg.dataset, top, gconf.vocab_size))
         self.train_loader = self.loader("train", cfg.seed + self.info.rank, cfg.prefetch)
+        if cfg.batch_mode == "documents":
+            n_docs = len(self.train_loader.starts)
+            log("batch_mode='documents': %s training documents per process, packed best-fit into rows of %d tokens"
+                % (f"{n_docs:,}", gconf.block_size + 1))
+            if n_docs < cfg.batch_size:
+                log("note: fewer documents than rows per batch: rows repeat; is the corpus closed by <|endoftext|> only at its end? "
+                    "batch_mode='windows' suits such data")
         self.loader("val", cfg.seed)  # fail now, not at the first evaluation, when val.bin is missing
         self.raw.to(self.rt.device)
         log("model: %.2fM parameters (%s)" % (self.raw.num_params() / 1e6, ", ".join("%s=%s" % kv for kv in asdict(gconf).items())))
