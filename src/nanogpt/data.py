@@ -380,7 +380,7 @@ class BatchLoader:
             x, y = self._read(self.generator)
         else:
             if self._worker is None:
-                self._worker = _Prefetcher(self._read, self.generator.get_state(), self.prefetch)
+                self._worker = _Prefetcher(self._read, self._fork(), self.prefetch)
             try:
                 x, y, state = self._worker.get()
             except BaseException:
@@ -393,6 +393,12 @@ class BatchLoader:
         elif self.device != "cpu":
             x, y = x.to(self.device), y.to(self.device)
         return x, y
+
+    def _fork(self) -> torch.Generator:
+        """A copy of the sampling stream at its position, for the background reader."""
+        generator = torch.Generator()
+        generator.set_state(self.generator.get_state())
+        return generator
 
     def close(self) -> None:
         """Stop the background reader, dropping what it read ahead; ``next`` starts a new one."""
@@ -414,13 +420,12 @@ class BatchLoader:
 
 class _Prefetcher:
     """A daemon thread that calls ``read(generator)`` ahead into a bounded queue, passing on the
-    generator's state after each batch, or the error that stopped it."""
+    generator's state after each batch, or the error that stopped it. ``generator`` is its own
+    copy of the loader's stream."""
 
-    def __init__(self, read, state: torch.Tensor, depth: int):
+    def __init__(self, read, generator, depth: int):
         self.queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
-        generator = torch.Generator()
-        generator.set_state(state)
         self.thread = threading.Thread(target=self._run, args=(read, generator), daemon=True, name="batch-prefetch")
         self.thread.start()
 

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError, Section, setting
+from .doc_batches import document_attention, document_mask
 from .loss import chunked_cross_entropy
 
 
@@ -118,7 +119,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
 
-    def forward(self, x, rot=None, cache=None, layer: int = 0, step=None):
+    def forward(self, x, rot=None, cache=None, layer: int = 0, step=None, docs=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -144,8 +145,11 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 if T > 1:  # a chunk after cached tokens: query i sees keys up to start+i
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)  # (B, nh, T, hs)
+        if docs is not None:  # doc_attention: each token sees its own document only (doc_batches.py)
+            y = document_attention(q, k, v, docs)  # (B, nh, T, hs)
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -173,8 +177,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rot=None, cache=None, layer: int = 0, step=None):
-        x = x + self.attn(self.ln_1(x), rot, cache, layer, step)
+    def forward(self, x, rot=None, cache=None, layer: int = 0, step=None, docs=None):
+        x = x + self.attn(self.ln_1(x), rot, cache, layer, step, docs)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -200,6 +204,7 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.activation_checkpointing = False  # a training choice, not part of the architecture
         self.loss_chunk = 0  # > 0: the loss in chunks of this many positions, no full logits (training choice too)
+        self.doc_attention = None  # (eot id, 'flex' or 'dense'): attention inside documents (training choice, doc_batches.py)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -234,8 +239,10 @@ class GPT(nn.Module):
         return n
 
     def _positions(self, x, pos):
-        """Add position information for positions ``pos`` (T,) to x (B, T, C): the learned table,
-        or, with RoPE, return the (cos, sin) rows that attention turns q and k by."""
+        """Add position information for positions ``pos`` (T,) or (B, T) to x (B, T, C): the learned
+        table, or, with RoPE, return the (cos, sin) rows that attention turns q and k by."""
+        if self.config.rope and pos.dim() == 2:  # (B, 1, T, hs/2): one set of angles per row
+            return x, (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))
         if self.config.rope:
             return x, (self.rope_cos.index_select(0, pos), self.rope_sin.index_select(0, pos))
         return x + self.transformer.wpe(pos), None
@@ -247,14 +254,18 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError("sequence of %d tokens exceeds block_size %d" % (start + T, self.config.block_size))
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        docs = None
+        if self.doc_attention is not None and cache is None:  # positions from each document's start (B, T)
+            pos, docs = document_mask(idx, *self.doc_attention)
+        else:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x, rot = self._positions(self.transformer.wte(idx), pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rot, use_reentrant=False)  # recomputed in backward
+                x = checkpoint(block, x, rot, None, i, None, docs, use_reentrant=False)  # recomputed in backward
             else:
-                x = block(x, rot, cache, i)
+                x = block(x, rot, cache, i, docs=docs)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)

@@ -22,6 +22,7 @@ from . import checkpoint, dist, fp8, runtime
 from .checkpoint import CheckpointConfig
 from .config import Config, Section, check_init_from, setting
 from .data import BatchLoader, DataConfig, dataset_dir, load_meta, prepare_hint
+from .doc_batches import BatchConfig, DocumentLoader, attention_kind, eot_of
 from .errors import CheckpointError, ConfigError, DataError, UserError, run_command
 from .metrics import LayerStats, MetricsConfig, MetricsLog, StepReport, keep_before_resume, open_wandb
 from .model import GPTConfig, features, saved_args
@@ -60,7 +61,7 @@ class TrainConfig(Config):
     """Every key of train.py. Defaults are nanoGPT's (GPT-2 124M on OpenWebText)."""
 
     sections = (("checkpoint", CheckpointConfig), ("loop", LoopConfig), ("metrics", MetricsConfig), ("data", DataConfig),
-                ("model", GPTConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig), ("speed", SpeedConfig),
+                ("batches", BatchConfig), ("model", GPTConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig), ("speed", SpeedConfig),
                 ("parallel", ParallelConfig), ("runtime", RuntimeConfig))
     defaults = {"bias": False, "vocab_size": 0}
 
@@ -73,6 +74,9 @@ class TrainConfig(Config):
                 if getattr(self, k) != v:
                     raise ConfigError("%s=%r changes the architecture, but init_from=%r loads GPT-2 as it is; drop --%s or "
                                       "train from scratch" % (k, getattr(self, k), self.init_from, k))
+        if self.doc_attention and self.dropout > 0:
+            raise ConfigError("doc_attention=True has no attention dropout (FlexAttention applies none); pass --dropout=0.0 "
+                              "or --doc_attention=False")
         if self.gradient_accumulation_steps % world_size:
             n = -(-self.gradient_accumulation_steps // world_size) * world_size
             raise ConfigError("gradient_accumulation_steps (%d) must be divisible by the number of processes (%d); "
@@ -151,11 +155,18 @@ class Run:
             raise DataError("dataset %r not found at %s; %s" % (cfg.dataset, self.data_dir, prepare_hint(cfg.dataset)))
         self.meta = load_meta(self.data_dir)
         self.accum = cfg.gradient_accumulation_steps // self.info.world_size
+        self.eot = None
+        for key in ("doc_attention", "batch_mode"):
+            if getattr(cfg, key) not in (False, "windows"):
+                self.eot = eot_of(self.meta, cfg.dataset, "%s=%r" % (key, getattr(cfg, key)))
 
     def loader(self, split: str, seed: int, prefetch: int = 0) -> BatchLoader:
-        return BatchLoader(self.data_dir, split, self.cfg.batch_size, self.gconf.block_size, self.rt.device, seed,
-                           (self.meta or {}).get("dtype", "uint16"), self.gconf.vocab_size, self.cfg.dataset,
-                           prefetch=prefetch, meta=self.meta, verify=self.cfg.verify_shards)
+        args = (self.data_dir, split, self.cfg.batch_size, self.gconf.block_size, self.rt.device, seed,
+                (self.meta or {}).get("dtype", "uint16"), self.gconf.vocab_size, self.cfg.dataset)
+        if self.cfg.batch_mode == "documents":
+            return DocumentLoader(*args, prefetch=prefetch, meta=self.meta, verify=self.cfg.verify_shards, eot=self.eot, rank=self.info.rank,
+                                  world_size=self.info.world_size, buffer=self.cfg.doc_buffer)
+        return BatchLoader(*args, prefetch=prefetch, meta=self.meta, verify=self.cfg.verify_shards)
 
     def _model(self) -> None:
         cfg, log = self.cfg, self.log
@@ -171,6 +182,13 @@ class Run:
             raise DataError("dataset %r holds token id %d but the model's vocab_size is %d; use a matching dataset or --vocab_size"
                             % (cfg.dataset, top, gconf.vocab_size))
         self.train_loader = self.loader("train", cfg.seed + self.info.rank, cfg.prefetch)
+        if cfg.batch_mode == "documents":
+            n_docs = len(self.train_loader.starts)
+            log("batch_mode='documents': %s training documents per process, packed best-fit into rows of %d tokens"
+                % (f"{n_docs:,}", gconf.block_size + 1))
+            if n_docs < cfg.batch_size:
+                log("note: fewer documents than rows per batch: rows repeat; is the corpus closed by <|endoftext|> only at its end? "
+                    "batch_mode='windows' suits such data")
         self.loader("val", cfg.seed)  # fail now, not at the first evaluation, when val.bin is missing
         self.raw.to(self.rt.device)
         log("model: %.2fM parameters (%s)" % (self.raw.num_params() / 1e6, ", ".join("%s=%s" % kv for kv in asdict(gconf).items())))
@@ -179,6 +197,11 @@ class Run:
                 "config/train_shakespeare_char_cpu.py is sized for a CPU" % (self.raw.num_params() / 1e6, f"{self.tokens_per_iter:,}"))
         self.raw.activation_checkpointing = cfg.activation_checkpointing
         self.raw.loss_chunk = cfg.loss_chunk
+        if cfg.doc_attention:
+            kind = attention_kind(self.rt.device_type)
+            self.raw.doc_attention = (self.eot, kind)
+            log("doc_attention: tokens attend within their document only (%s)" % (
+                "FlexAttention" if kind == "flex" else "a dense mask: FlexAttention has no backward pass on the CPU"))
         if cfg.fp8:
             n = fp8.apply(self.raw, self.rt.device_type, self.rt.device)
             log("fp8: %d Linear layers in the blocks multiply in float8 (e4m3 forward, e5m2 gradients)" % n)
@@ -216,7 +239,7 @@ class Run:
         cfg, ckpt = self.cfg, self.ckpt
         path = os.path.join(cfg.out_dir, "ckpt.pt")
         prev = ckpt.get("config") or {}
-        for k in ("optimizer", "optimizer_in_backward", "optimizer_state_dtype"):
+        for k in ("optimizer", "optimizer_in_backward", "optimizer_state_dtype", "batch_mode"):
             if k in prev and prev[k] != getattr(cfg, k):
                 raise CheckpointError("the checkpoint in %s was trained with %s=%r, not %r; pass --%s=%r to resume it"
                                       % (cfg.out_dir, k, prev[k], getattr(cfg, k), k, prev[k]))
