@@ -544,9 +544,10 @@ def _open_text_lines(path: str):
 
 class _Conversations:
     """Conversations from a .jsonl / .jsonl.gz / .json (JSON lines) file, a local .parquet file
-    (needs pyarrow) or a Hugging Face dataset with a ``field`` column (needs datasets). ``count``
-    is known before reading; ``rows()`` gives (where, messages) with ``where`` naming the file
-    and line (or row) for messages about it."""
+    (needs pyarrow) or a Hugging Face dataset with a ``field`` column (needs datasets). Opening
+    reads them all once and checks each (:func:`check_conversation`), so bad input is reported
+    before any work starts; ``count`` is how many there are, and ``rows()`` gives (where,
+    messages) with ``where`` naming the file and line (or row)."""
 
     def __init__(self, source: str, field: str, hf_split: str):
         self.source, self.field = source, field
@@ -558,13 +559,7 @@ class _Conversations:
                 raise PrepareError("%s: unsupported file type; use .jsonl (one {\"messages\": [...]} object per line), "
                                    ".jsonl.gz or .parquet" % source)
             self.kind = "parquet" if source.endswith(".parquet") else "jsonl"
-        if self.kind == "jsonl":
-            try:
-                with _open_text_lines(source) as f:
-                    self.count = sum(1 for line in f if line.strip())
-            except (UnicodeDecodeError, OSError, EOFError) as e:
-                raise PrepareError("%s cannot be read as UTF-8 JSON lines (%s)" % (source, e)) from None
-        elif self.kind == "parquet":
+        if self.kind == "parquet":
             try:
                 import pyarrow.parquet as pq
             except ImportError:
@@ -576,26 +571,19 @@ class _Conversations:
             if field not in self.table.schema_arrow.names:
                 raise PrepareError("%s has no %r column (columns: %s); pass --text_field"
                                    % (source, field, ", ".join(self.table.schema_arrow.names)))
-            self.count = self.table.metadata.num_rows
-        else:
+        elif self.kind == "hub":
             self.ds = _HubDocuments(source, field, hf_split, 1).ds
-            self.count = len(self.ds)
+        self.count = 0
+        for where, messages in self.rows():
+            check_conversation(messages, where)
+            self.count += 1
 
     def rows(self):
         if self.kind == "jsonl":
-            with _open_text_lines(self.source) as f:
-                for i, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    where = "%s line %d" % (self.source, i + 1)
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise PrepareError("%s is not valid JSON (%s)" % (where, e.msg)) from None
-                    if not isinstance(row, dict) or self.field not in row:
-                        raise PrepareError("%s is not an object with a %r list; write {\"%s\": [{\"role\": ..., \"content\": ...}]}"
-                                           % (where, self.field, self.field))
-                    yield where, row[self.field]
+            try:
+                yield from self._lines()
+            except (UnicodeDecodeError, OSError, EOFError) as e:
+                raise PrepareError("%s cannot be read as UTF-8 JSON lines (%s)" % (self.source, e)) from None
         elif self.kind == "parquet":
             i = 0
             for batch in self.table.iter_batches(batch_size=1000, columns=[self.field]):
@@ -609,11 +597,26 @@ class _Conversations:
                     yield "Hugging Face dataset %r row %d" % (self.source, i), messages
                     i += 1
 
+    def _lines(self):
+        with _open_text_lines(self.source) as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                where = "%s line %d" % (self.source, i + 1)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrepareError("%s is not valid JSON (%s)" % (where, e.msg)) from None
+                if not isinstance(row, dict) or self.field not in row:
+                    raise PrepareError("%s is not an object with a %r list; write {\"%s\": [{\"role\": ..., \"content\": ...}]}"
+                                       % (where, self.field, self.field))
+                yield where, row[self.field]
 
-def encode_conversation(messages, tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """Token ids and learned mask of one conversation, or a PrepareError naming ``where``: not a
-    list of role/content messages, an unknown role, no assistant turn, or a content holding the
-    text ``<|endoftext|>`` (which would end its turn early)."""
+
+def check_conversation(messages, where: str) -> list[dict]:
+    """One conversation's messages, checked; a PrepareError naming ``where`` when they are not a
+    list of role/content messages, have an unknown role or no assistant turn, or a content holds
+    the text ``<|endoftext|>`` (which would end its turn early)."""
     from . import chat_template
 
     try:
@@ -626,7 +629,7 @@ def encode_conversation(messages, tokenizer, where: str) -> tuple[list[int], lis
         if chat_template.EOT_TEXT in m["content"]:
             raise PrepareError("%s: message %d holds the text %s, which ends a turn; remove it"
                                % (where, i, chat_template.EOT_TEXT))
-    return chat_template.encode(messages, tokenizer)
+    return messages
 
 
 def prepare_chat(out_dir: str, source: str, *, field: str = "messages", val_fraction: float = CHAT_VAL_FRACTION,
@@ -645,6 +648,7 @@ def prepare_chat(out_dir: str, source: str, *, field: str = "messages", val_frac
     """
     from tqdm import tqdm
 
+    from . import chat_template
     from .tokenizer import BPETokenizer
 
     if not 0.0 <= val_fraction < 1.0:
@@ -677,7 +681,7 @@ def prepare_chat(out_dir: str, source: str, *, field: str = "messages", val_frac
             for i, (where, messages) in enumerate(convs.rows()):
                 if i >= n:
                     raise PrepareError("%s changed while it was read; try again" % source)
-                ids, mask = encode_conversation(messages, tok, where)
+                ids, mask = chat_template.encode(check_conversation(messages, where), tok)
                 split = "val" if is_val[i] else "train"
                 files[split + ".starts.bin"].write(np.array([counts[split]], dtype=np.uint64).tobytes())
                 files[split + ".bin"].write(np.array(ids, dtype=dtype).tobytes())
