@@ -4,7 +4,9 @@ tokens, bad conversation files, exact resume, and eval.py's masked loss."""
 import gzip
 import json
 import os
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from helpers import assert_one_line_error, evaluate, run_cli, run_main, train
+from helpers import assert_one_line_error, evaluate, run_main, train
 from nanogpt import chat_template
 from nanogpt.data import BatchLoader, DataError, load_meta
 from nanogpt.model import GPT, GPTConfig
@@ -135,14 +137,15 @@ def test_bad_conversations_are_one_line_naming_file_and_line(tmp_path, capsys, n
     assert sorted(os.listdir(kept)) == ["notes.txt"]  # nothing half-written beside what was there
 
 
-def test_prepare_chat_command_and_data_folder_script(tmp_path):
+def test_the_data_folder_script_prepares_the_shipped_conversations(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "chat"
     folder.mkdir()
     shutil.copy(ROOT / "data" / "chat" / "prepare.py", folder)
     shutil.copy(SHIPPED, folder)
-    r = run_cli([str(folder / "prepare.py")], cwd=str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert "240 conversations (24 in val)" in r.stdout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(folder / "prepare.py")])
+    runpy.run_path(str(folder / "prepare.py"), run_name="__main__")  # `python data/chat/prepare.py`, in this process
+    assert "240 conversations (24 in val)" in capsys.readouterr().out
     assert load_meta(str(folder))["chat"]["conversations"] == {"train": 216, "val": 24}
 
 
@@ -287,3 +290,19 @@ def test_sft_resume_is_bit_exact_and_eval_reports_the_masked_loss(chat_root, tmp
                 count += int((yy != -1).sum())
     assert count == chat["tokens"]
     assert abs(nll / count - chat["loss"]) < 1e-4
+
+
+def test_sft_config_finetunes_a_hugging_face_model(chat_root, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "tiny-hf"
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1,
+                                                         n_head=2)).save_pretrained(hf)
+    out = tmp_path / "sft"
+    result = train([str(ROOT / "config" / "sft_gpt2.py"), "--init_from=%s" % hf, "--out_dir=%s" % out,
+                    "--data_root=%s" % chat_root, "--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=1",
+                    "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--device=cpu", "--compile=False",
+                    "--dtype=float32"])
+    assert len(result["history"]) == 2 and (out / "ckpt.pt").is_file()
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["config"]["dataset"] == "chat" and saved["config"]["learning_rate"] == 2e-5
