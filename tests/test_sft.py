@@ -91,8 +91,11 @@ def test_prepare_writes_tokens_mask_and_starts_that_line_up(tmp_path):
     with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(src.read_text(encoding="utf-8"))
     prepare_chat(str(tmp_path / "gz"), str(tmp_path / "c.jsonl.gz"), val_fraction=0.25, seed=1)
-    for name in ("train.bin", "train.mask.bin", "train.starts.bin", "val.bin", "val.mask.bin", "val.starts.bin"):
-        assert (tmp_path / "gz" / name).read_bytes() == (out / name).read_bytes(), name
+    (tmp_path / "c.json").write_text(json.dumps(CONVS, indent=1), encoding="utf-8")  # and so does one JSON array
+    prepare_chat(str(tmp_path / "array"), str(tmp_path / "c.json"), val_fraction=0.25, seed=1)
+    for other in ("gz", "array"):
+        for name in ("train.bin", "train.mask.bin", "train.starts.bin", "val.bin", "val.mask.bin", "val.starts.bin"):
+            assert (tmp_path / other / name).read_bytes() == (out / name).read_bytes(), (other, name)
 
 
 def test_prepare_reads_parquet(tmp_path):

@@ -543,7 +543,7 @@ def _open_text_lines(path: str):
 
 
 class _Conversations:
-    """Conversations from a .jsonl / .jsonl.gz / .json (JSON lines) file, a local .parquet file
+    """Conversations from a .jsonl / .jsonl.gz / .json (JSON lines, or one JSON array) file, a local .parquet file
     (needs pyarrow) or a Hugging Face dataset with a ``field`` column (needs datasets). Opening
     reads them all once and checks each (:func:`check_conversation`), so bad input is reported
     before any work starts; ``count`` is how many there are, and ``rows()`` gives (where,
@@ -598,6 +598,10 @@ class _Conversations:
                     i += 1
 
     def _lines(self):
+        if self.source.endswith(".json") and _LocalDocuments._is_array(self.source):  # one JSON array of conversations
+            for i, row in enumerate(_LocalDocuments._load_array(self.source)):
+                yield self._messages(row, "%s item %d" % (self.source, i))
+            return
         with _open_text_lines(self.source) as f:
             for i, line in enumerate(f):
                 if not line.strip():
@@ -607,10 +611,13 @@ class _Conversations:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PrepareError("%s is not valid JSON (%s)" % (where, e.msg)) from None
-                if not isinstance(row, dict) or self.field not in row:
-                    raise PrepareError("%s is not an object with a %r list; write {\"%s\": [{\"role\": ..., \"content\": ...}]}"
-                                       % (where, self.field, self.field))
-                yield where, row[self.field]
+                yield self._messages(row, where)
+
+    def _messages(self, row, where: str):
+        if not isinstance(row, dict) or self.field not in row:
+            raise PrepareError("%s is not an object with a %r list; write {\"%s\": [{\"role\": ..., \"content\": ...}]}"
+                               % (where, self.field, self.field))
+        return where, row[self.field]
 
 
 def check_conversation(messages, where: str) -> list[dict]:
