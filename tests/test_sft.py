@@ -247,6 +247,13 @@ def test_user_and_system_tokens_get_no_gradient(chat_root, loss_chunk):
     for k, p in model.named_parameters():
         assert torch.allclose(p.grad, ref_grads[k], atol=1e-6, rtol=1e-4), k
 
+    # a batch with nothing to learn (prompts only) is a loss of 0 with zero gradients, not nan
+    model.zero_grad()
+    _, loss = model(x, torch.full_like(y, -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+
 
 # --------------------------------------------------------------------------------------------
 # training and evaluation
