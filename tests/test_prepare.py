@@ -294,4 +294,4 @@ def test_cli_in_process(tmp_path, enc, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         prepare.main(["shakespeare", "--source=x", "--out_dir=%s" % (tmp_path / "s")])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --source is for openwebtext and corpus")
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --source is for openwebtext, corpus and chat")

@@ -9,7 +9,7 @@ COMMANDS = {
     "sample": ("nanogpt.sample", "generate text from a checkpoint or GPT-2 weights"),
     "eval": ("nanogpt.evaluate", "perplexity, bits per byte, HellaSwag and LAMBADA of a checkpoint or GPT-2 weights"),
     "bench": ("nanogpt.bench", "time training steps: ms/iter, tokens/s, MFU, peak memory"),
-    "prepare": ("nanogpt.prepare", "prepare a dataset (shakespeare_char, shakespeare, openwebtext, corpus) or train a tokenizer (tokenizer)"),
+    "prepare": ("nanogpt.prepare", "prepare a dataset (shakespeare_char, shakespeare, openwebtext, corpus, chat) or train a tokenizer (tokenizer)"),
     "export": ("nanogpt.export", "write a checkpoint as a Hugging Face GPT2LMHeadModel folder (+ tokenizer files)"),
     "plot": ("nanogpt.plot", "plot metrics.jsonl of one or more runs into a PNG (needs matplotlib)"),
 }

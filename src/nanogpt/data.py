@@ -11,6 +11,13 @@ anything but plain values. Everything read is checked when it is opened.
 
 Batches are random windows of ``block_size + 1`` tokens, drawn by a seeded generator whose state
 goes into checkpoints, so a resumed run reads the batches an uninterrupted one would.
+
+Chat data (``nanogpt prepare chat``; meta.json has a ``chat`` entry) has two more files per split:
+``{split}.mask.bin``, one uint8 per token (1 = learned: an assistant reply), and
+``{split}.starts.bin``, the uint64 offset of each conversation's first token. A window then starts
+at a conversation start drawn at random and runs on into the following conversations (packed);
+a window that runs past the end of the file is padded. Targets whose mask is 0, and the padding,
+are -1, which the loss ignores, so only assistant tokens are learned.
 """
 
 from __future__ import annotations
@@ -169,6 +176,31 @@ def _check_shards(meta: dict, path: str) -> None:
         if want is not None and want != sum(p["tokens"] for p in parts):
             raise DataError("%s: %s_tokens is %d but its shards hold %d; prepare the dataset again"
                             % (path, split, want, sum(p["tokens"] for p in parts)))
+
+
+def is_chat(meta: dict | None) -> bool:
+    """Whether a dataset's meta says it holds conversations with a loss mask (``nanogpt prepare chat``)."""
+    return bool(meta and isinstance(meta.get("chat"), dict))
+
+
+def chat_files(data_dir: str, split: str, n: int) -> tuple[str, np.ndarray]:
+    """The mask file of a chat split and its conversation starts, both checked against the
+    ``n`` tokens of ``{split}.bin``."""
+    mask = os.path.join(data_dir, "%s.mask.bin" % split)
+    starts_path = os.path.join(data_dir, "%s.starts.bin" % split)
+    for p in (mask, starts_path):
+        if not os.path.isfile(p):
+            raise DataError("%s is missing: meta.json says this is chat data; prepare it again with `nanogpt prepare chat`" % p)
+    if os.path.getsize(mask) != n:
+        raise DataError("%s has %d bytes but %s.bin holds %d tokens: the mask does not match; prepare the dataset again"
+                        % (mask, os.path.getsize(mask), split, n))
+    if os.path.getsize(starts_path) % 8:
+        raise DataError("%s is not a whole number of uint64 offsets; prepare the dataset again" % starts_path)
+    starts = np.fromfile(starts_path, dtype=np.uint64).astype(np.int64)
+    if n and (not len(starts) or starts[0] != 0 or starts[-1] >= n or (len(starts) > 1 and np.any(np.diff(starts) <= 0))):
+        raise DataError("%s does not hold increasing conversation offsets from 0 below %d; prepare the dataset again"
+                        % (starts_path, n))
+    return mask, starts
 
 
 def _check_char_tables(meta: dict, path: str) -> dict:
@@ -347,7 +379,9 @@ class BatchLoader:
         n = self.tokens.n
         if n == 0:
             raise DataError("%s is empty; %s" % (self.path, prepare_hint(name)))
-        if n < block_size + 1:
+        self.mask_path, self.starts = chat_files(data_dir, split, n) if is_chat(meta) else (None, None)
+        self.pad = int((meta or {}).get("eot_token") or 0)  # input after the end of a chat split; never a target
+        if n < block_size + 1 and self.starts is None:
             raise DataError("%s holds %d tokens, fewer than block_size + 1 = %d; lower --block_size or add data"
                             % (self.path, n, block_size + 1))
         self.n = n
@@ -360,9 +394,18 @@ class BatchLoader:
 
     def _read(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch from ``generator``'s stream, still in host memory."""
-        starts = torch.randint(self.n - self.block_size, (self.batch_size,), generator=generator).tolist()
+        if self.starts is None:
+            starts = torch.randint(self.n - self.block_size, (self.batch_size,), generator=generator).tolist()
+        else:  # chat: windows begin where conversations do
+            starts = self.starts[torch.randint(len(self.starts), (self.batch_size,), generator=generator).numpy()].tolist()
         raw = np.empty((self.batch_size, self.block_size + 1), dtype=self.dtype)
-        self.tokens.read_rows(starts, raw)
+        if self.starts is None:
+            self.tokens.read_rows(starts, raw)
+        else:  # chat: a window may run past the end of the split, where it is padded (never a target)
+            for row, start in zip(raw, starts):
+                take = min(len(row), self.n - start)
+                row[:take] = self.tokens.read(start, take)
+                row[take:] = self.pad
         rows = raw.astype(np.int64)  # (B, T+1)
         if self.vocab_size is not None:
             top = int(rows.max())
@@ -371,9 +414,20 @@ class BatchLoader:
                                 % (self.path, top, self.vocab_size))
         t = torch.from_numpy(rows)
         x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T) each
+        if self.mask_path is not None:
+            y[torch.from_numpy(self._learned(starts)[:, 1:]) == 0] = -1  # only assistant tokens are targets
         if self.device.startswith("cuda"):
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
+
+    def _learned(self, starts: list[int]) -> np.ndarray:
+        """The chat mask of each window, (B, T+1) uint8; 0 past the end of the split."""
+        mask = np.zeros((self.batch_size, self.block_size + 1), dtype=np.uint8)
+        with open(self.mask_path, "rb", buffering=0) as f:
+            for row, start in zip(mask, starts):
+                f.seek(start)
+                f.readinto(memoryview(row))
+        return mask
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.prefetch <= 0:

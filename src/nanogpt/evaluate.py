@@ -2,7 +2,8 @@
 
 Perplexity and bits per byte of a dataset split or a text file, zero-shot HellaSwag-format
 multiple choice and LAMBADA last-word accuracy of a checkpoint or GPT-2 weights; the definitions
-are in scoring.py.
+are in scoring.py. On chat data (`nanogpt prepare chat`) it also reports the masked loss: the
+assistant tokens of the held-out conversations only, the loss SFT trains.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 from . import runtime
 from .checkpoint import load_for_inference
 from .config import Config, Section, check_init_from, check_path, setting
-from .data import Tokens, dataset_dir, load_meta, prepare_hint, token_count
+from .data import Tokens, chat_files, dataset_dir, is_chat, load_meta, prepare_hint, token_count
 from .errors import ConfigError, DataError, UserError, run_command
 from .runtime import RuntimeConfig
-from .scoring import DOWNLOADS, encode_file, hellaswag, lambada, perplexity
+from .scoring import DOWNLOADS, chat_loss, encode_file, hellaswag, lambada, perplexity
 from .tokenizer import vocabulary_for
 
 
@@ -211,6 +212,16 @@ def evaluate(cfg: EvalConfig) -> dict:
         lines.append("perplexity %s: %s tokens scored (window %d, stride %d)" % (source, f"{r['tokens']:,}", window, stride))
         bpb = "%.4f" % r["bpb"] if r["bpb"] is not None else "n/a"
         lines.append("           loss %.4f nats/token | perplexity %.3f | %s bits/byte" % (r["loss"], r["ppl"], bpb))
+        meta = load_meta(os.path.dirname(source)) if dataset else None
+        if is_chat(meta):  # conversations: the loss SFT trains, on the assistant tokens only
+            mask_path, starts = chat_files(os.path.dirname(source), cfg.split, token_count(source, meta["dtype"]))
+            mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+            r = chat_loss(scorer, tokens, mask, starts[starts < len(tokens) - 1], tok, rt.device, ctx, window, stride,
+                          cfg.batch_size, where=source)
+            results["chat"] = dict(r, source=source, window=window, stride=stride)
+            lines.append("chat       %s: %s assistant tokens of %s %sconversations scored (mask 1 only)"
+                         % (source, f"{r['tokens']:,}", f"{r['conversations']:,}", "held-out " if cfg.split == "val" else ""))
+            lines.append("           loss %.4f nats/token | perplexity %.3f" % (r["loss"], r["ppl"]))
     if cfg.hellaswag:
         r = hellaswag(scorer, files["hellaswag"], tok, rt.device, ctx, window, cfg.batch_size, cfg.limit)
         results["hellaswag"] = dict(r, source=files["hellaswag"])

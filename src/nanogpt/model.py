@@ -274,6 +274,8 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            # no target at all (a chat batch of prompts only): 0, as the chunked loss gives, not the mean of nothing (nan)
+            loss = torch.where((targets != -1).any(), loss, torch.zeros((), device=loss.device, dtype=loss.dtype))
             return logits, loss
         if last_only:
             x = x[:, [-1], :]  # (B, 1, C): generation needs only the last position

@@ -369,3 +369,49 @@ def encode_file(tokenizer, path: str, max_tokens: int) -> list[int]:
     except UserError as e:
         raise UserError("%s: %s" % (path, e)) from None
     return ids[:max_tokens] if max_tokens else ids
+
+
+# --------------------------------------------------------------------------------------------
+# chat data: the loss on assistant tokens
+
+
+@torch.no_grad()
+def chat_loss(model, tokens, mask, starts, tokenizer, device: str, ctx, window: int, stride: int, batch_size: int = 8,
+              progress: bool = True, where: str = "the conversations") -> dict:
+    """Mean loss (nats per token) and perplexity of the learned tokens (mask 1: assistant replies)
+    of chat data: ``tokens`` and ``mask`` side by side, ``starts`` the offset of each
+    conversation. Each conversation is scored on its own, from its first token, in windows of
+    ``window`` tokens that advance by ``stride`` as in :func:`perplexity`; every learned token
+    after a conversation's first is scored exactly once."""
+    if not 0 < stride <= window <= model.config.block_size:
+        raise ConfigError("need 0 < stride (%d) <= block_size (%d) <= the model's context (%d)"
+                          % (stride, window, model.config.block_size))
+    limit = vocab_limit(tokenizer, model)
+    bounds = [int(s) for s in starts] + [len(tokens)]
+    convs = [(a, b) for a, b in zip(bounds, bounds[1:]) if b - a >= 2]
+    spans = [(a + begin, a + end, a + first) for a, b in convs for begin, end, first in iter_windows(b - a, window, stride)]
+    nll, scored = 0.0, 0
+    with _bar(len(spans), "chat loss", "window", progress) as bar:
+        for i in range(0, len(spans), batch_size):
+            batch = spans[i:i + batch_size]
+            T = max(end - begin for begin, end, _ in batch)
+            x = np.zeros((len(batch), T), dtype=np.int64)  # (B, T) right-padded
+            y = np.full((len(batch), T), -1, dtype=np.int64)  # (B, T) -1 = not scored
+            for j, (begin, end, first) in enumerate(batch):
+                chunk = np.asarray(tokens[begin:end + 1], dtype=np.int64)
+                learned = np.asarray(mask[begin + 1:end + 1]) == 1  # the targets' mask
+                s = first - 1 - begin
+                x[j, :end - begin] = chunk[:-1]
+                y[j, s:end - begin] = np.where(learned[s:], chunk[s + 1:], -1)
+            _check_ids(np.concatenate([x.ravel(), y[y >= 0]]), model, where)
+            xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            with ctx:
+                logits, _ = model(xt)  # (B, T, V)
+            logits = _real_logits(logits, limit)
+            nll += F.cross_entropy(logits.view(-1, logits.size(-1)), yt.view(-1), ignore_index=-1, reduction="sum").item()
+            scored += int((y >= 0).sum())
+            bar.update(len(batch))
+    if not scored:
+        raise UserError("%s hold no assistant tokens to score" % where)
+    loss = nll / scored
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": scored, "conversations": len(convs)}
