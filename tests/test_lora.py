@@ -131,6 +131,24 @@ def test_every_optimizer_trains_the_adapters_and_leaves_the_base_bit_unchanged(n
     assert all(not torch.equal(after[k], v) for k, v in adapters.items() if k.endswith("lora_B"))
 
 
+def test_compiled_with_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = small_gpt()
+    lora.apply(model, 4, 8.0, 0.0, "all", {"kind": "gpt2", "name": "gpt2"})
+    randomise_adapters(model)
+    model.activation_checkpointing = True
+    idx = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for m in (torch.compile(model, backend="aot_eager"), model):  # dynamo and autograd's graph, without codegen time
+        _, loss = m(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (l1, g1), (l2, g2) = grads
+    assert l1 == l2 and set(g1) == set(g2) and all(lora.is_adapter(n) for n in g1)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=0), n
+
+
 def test_merged_and_unmerged_logits_agree_in_float32():
     model = small_gpt().eval()
     lora.apply(model, 4, 16.0, 0.0, "all", {"kind": "gpt2", "name": "gpt2"})

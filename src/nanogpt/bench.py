@@ -100,7 +100,10 @@ def bench(cfg: BenchConfig) -> dict:
     optimizer = build(model, cfg.optim, rt.device_type, seed=cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     accum = cfg.gradient_accumulation_steps
-    flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * accum
+    flops_per_token = model.flops_per_token(cfg.block_size)
+    if cfg.lora_rank:  # a frozen weight takes no gradient: 4 FLOPs per token, not 6
+        flops_per_token -= 2 * (model.num_params() - lora.trainable_counts(model)[0])
+    flops_per_iter = flops_per_token * cfg.batch_size * cfg.block_size * accum
     if cfg.fp8:
         fp8.apply(model, rt.device_type, rt.device)
     rt.threads.settle()

@@ -52,8 +52,7 @@ class LoraConfig(Section):
     lora_targets: str = setting("attn", "Layers that get adapters: 'attn' (c_attn, attn.c_proj), 'mlp' (c_fc, mlp.c_proj), 'all', or a comma-separated list of names such as 'c_attn,c_fc' ('c_proj' means both projections; 'attn.c_proj' or 'mlp.c_proj' one).")
 
     def check(self) -> None:
-        if self.lora_rank:
-            targets(self.lora_targets)
+        targets(self.lora_targets)
 
 
 def targets(spec: str) -> tuple[str, ...]:

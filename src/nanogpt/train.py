@@ -257,8 +257,11 @@ class Run:
                                    lambda x: dist.all_reduce_mean(x, info), stop=self.stop if single else None)
         self.step_start = StepStart(self.train_loader, rt.device) if single else None
         peak = runtime.peak_flops(rt.device, rt.dtype, cfg.peak_flops)
+        flops = self.raw.flops_per_token(self.gconf.block_size)
+        if lora.spec(self.raw) is not None:  # a frozen weight takes no gradient: 4 FLOPs per token, not 6
+            flops -= 2 * (self.raw.num_params() - lora.trainable_counts(self.raw)[0])
         self.report = StepReport(cfg.metrics, self.metrics, self.log, device=rt.device, grad_clip=cfg.grad_clip,
-                                 max_iters=cfg.max_iters, flops_per_token=self.raw.flops_per_token(self.gconf.block_size),
+                                 max_iters=cfg.max_iters, flops_per_token=flops,
                                  peak=peak, world=info.world_size, ramp=bool(cfg.batch_size_ramp_tokens), memory=rt.max_memory)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=rt.device)  # first iteration with a non-finite loss
         self.tasks = self.task_tokenizer = None
