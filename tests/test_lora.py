@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import export, run_main, train
+from helpers import bench, export, run_main, train
 from nanogpt import checkpoint, lora
 from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
@@ -242,6 +242,15 @@ def test_a_base_checkpoint_file_is_referenced_by_path_and_sha256(data_root, tmp_
     r = run_main("sample.py", ["--out_dir=%s" % out, "--data_root=%s" % data_root, "--num_samples=1", "--max_new_tokens=4",
                                "--device=cpu"], capsys)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "has changed" in r.stderr and "sha256" in r.stderr, r.stderr
+
+
+def test_bench_times_the_lora_step(capsys):
+    args = ["--device=cpu", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2",
+            "--vocab_size=64", "--real_data=False", "--warmup_steps=1", "--steps=1", "--optimizer=striped_adamw"]
+    full = bench(args)
+    adapted = bench(args + ["--lora_rank=2"])
+    assert "lora rank 2 on attn: 192 of" in capsys.readouterr().out  # c_attn 2x16 + 48x2, attn.c_proj 2x16 + 16x2
+    assert 0 < adapted["optimizer_state_gib"] < full["optimizer_state_gib"] / 5
 
 
 # ------------------------------------------------------------------------------------------
