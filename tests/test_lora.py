@@ -210,6 +210,25 @@ def test_resume_is_bit_exact(data_root, base_dir, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_a_nan_loss_rewinds_to_the_saved_adapters(data_root, base_dir, tmp_path, monkeypatch, capsys):
+    from nanogpt import model as model_mod
+    forward, calls = model_mod.GPT.forward, {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):  # the 7th training forward (iter 6) gives a nan loss
+        logits, loss = forward(self, idx, targets, **kw)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] == 7:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_mod.GPT, "forward", poisoned)
+    s = train(tiny(data_root, base_dir, tmp_path, "--max_iters=8", "--eval_interval=4", "--on_loss_fault=rewind"))
+    assert "back to iter 4" in capsys.readouterr().out and s["rewinds"] == 1 and s["final_iter"] == 8
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(lora.is_adapter(k) for k in ckpt["model"]) and all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values())
+
+
 def test_sample_eval_and_merged_export_read_a_lora_checkpoint(data_root, base_dir, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "run"
