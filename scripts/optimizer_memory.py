@@ -26,6 +26,8 @@ VARIANTS = [
     ("StripedAdamW + activation checkpointing", ["--optimizer=striped_adamw", "--activation_checkpointing=True"]),
     ("StripedAdamW + all three levers", ["--optimizer=striped_adamw", "--optimizer_in_backward=True",
                                          "--optimizer_state_dtype=bfloat16", "--activation_checkpointing=True"]),
+    ("LoRA r=8 attn, StripedAdamW + activation checkpointing", ["--lora_rank=8", "--lora_targets=attn", "--optimizer=striped_adamw",
+                                                                "--activation_checkpointing=True"]),
 ]
 
 

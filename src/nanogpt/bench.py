@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fp8, runtime
+from . import fp8, lora, runtime
 from .config import Config, Section, setting
 from .data import BatchLoader, DataConfig, has_split, load_meta
 from .errors import ConfigError, run_command
+from .lora import LoraConfig
 from .model import GPT, GPTConfig
 from .optim import OptimConfig, build, optimizer_state_bytes
 from .parallel import Single
@@ -43,13 +44,15 @@ class BenchSettings(Section):
 class BenchConfig(Config):
     """Every key of bench.py: the model, optimizer, data and runtime sections of train.py."""
 
-    sections = (("bench", BenchSettings), ("data", DataConfig), ("model", GPTConfig), ("optim", OptimConfig),
+    sections = (("bench", BenchSettings), ("data", DataConfig), ("model", GPTConfig), ("lora", LoraConfig), ("optim", OptimConfig),
                 ("speed", SpeedConfig), ("runtime", RuntimeConfig))
     defaults = {"bias": False, "gradient_accumulation_steps": 1}
 
     def check(self) -> None:
         if self.optimizer_in_backward and self.gradient_accumulation_steps != 1:
             raise ConfigError("optimizer_in_backward=True needs gradient_accumulation_steps=1")
+        if self.lora_rank and self.fp8:
+            raise ConfigError("lora_rank=%d is not checked with fp8=True; pass --fp8=False or --lora_rank=0" % self.lora_rank)
 
 
 def measure_matmul_peak(device: str, dtype: str, n: int = 8192, reps: int = 20) -> float:
@@ -92,10 +95,15 @@ def bench(cfg: BenchConfig) -> dict:
         model = GPT(cfg.model)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.loss_chunk = cfg.loss_chunk
+    if cfg.lora_rank:  # adapters on the random weights: the same step as a LoRA finetune
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, {"kind": "random"})
     optimizer = build(model, cfg.optim, rt.device_type, seed=cfg.seed)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     accum = cfg.gradient_accumulation_steps
-    flops_per_iter = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size * accum
+    flops_per_token = model.flops_per_token(cfg.block_size)
+    if cfg.lora_rank:  # a frozen weight takes no gradient: 4 FLOPs per token, not 6
+        flops_per_token -= 2 * (model.num_params() - lora.trainable_counts(model)[0])
+    flops_per_iter = flops_per_token * cfg.batch_size * cfg.block_size * accum
     if cfg.fp8:
         fp8.apply(model, rt.device_type, rt.device)
     rt.threads.settle()
@@ -109,6 +117,10 @@ def bench(cfg: BenchConfig) -> dict:
           % (sum(p.numel() for p in model.parameters()) / 1e6, cfg.batch_size, cfg.block_size, rt.device, rt.dtype,
              source, cfg.compile, " (%s)" % cfg.compile_mode if cfg.compile and cfg.compile_mode != "default" else "",
              ", fp8" if cfg.fp8 else "", ", loss_chunk=%d" % cfg.loss_chunk if cfg.loss_chunk else ""), flush=True)
+    if cfg.lora_rank:
+        trained, total = lora.trainable_counts(model)
+        print("bench: lora rank %d on %s: %s of %s parameters train" % (cfg.lora_rank, cfg.lora_targets, f"{trained:,}", f"{total:,}"),
+              flush=True)
 
     def step():
         return train_step(compiled, next_batch, optimizer, scaler, strategy, accum, ctx, cfg.grad_clip, params,

@@ -6,7 +6,9 @@ iteration (all that sampling, evaluation and export read) and names its optimize
 resumed run needs. A save writes the new optimizer file under its own name, then renames the
 new ``ckpt.pt`` over the old one (the commit), then removes the optimizer file nobody names any
 more. A crash at any point leaves ``ckpt.pt`` whole, old or new, beside the optimizer file it
-names; the next run into the folder removes what the crash left behind.
+names; the next run into the folder removes what the crash left behind. A LoRA run's
+``ckpt.pt`` holds only the adapters as its weights, and ``lora``: the settings and a reference
+to the base weights (lora.py); the commit is the same.
 
 With ``checkpoint_format='safetensors'`` the weights go into a third file of the same save,
 ``ckpt.model.<save_id>.safetensors`` (with the model shape in its metadata), written before the
@@ -436,9 +438,14 @@ def model_config(ckpt: dict, path: str, dropout: float = 0.0):
 
 
 def load_model(path: str, dropout: float = 0.0, hint: str | None = None):
-    """The model stored in a training checkpoint, and the checkpoint itself."""
+    """The model stored in a training checkpoint, and the checkpoint itself. A LoRA checkpoint
+    gives its base with the adapters on (see lora.py)."""
     from .model import GPT
     ckpt = load(path, hint=hint) if hint else load(path)
+    if "lora" in ckpt:  # adapters only: the base comes from the reference it holds
+        from . import lora
+        model_config(ckpt, path, dropout)
+        return lora.load_model(ckpt, path, dropout), ckpt
     model = GPT(model_config(ckpt, path, dropout))
     try:
         got = model.load_state_dict(ckpt["model"], strict=False)
@@ -452,7 +459,8 @@ def load_model(path: str, dropout: float = 0.0, hint: str | None = None):
 
 def load_for_inference(init_from: str, out_dir: str, dropout: float | None = 0.0):
     """(model, the training run's config or None) for sample, eval and export: ``out_dir``'s
-    checkpoint (``init_from='resume'``), else GPT-2 weights by name or from a local folder.
+    checkpoint (``init_from='resume'``; a LoRA one with its adapters merged), else GPT-2 weights
+    by name or from a local folder.
     ``dropout=None`` keeps the dropout the weights were trained (or published) with."""
     if init_from == "resume":
         path = os.path.join(out_dir, "ckpt.pt")
@@ -460,6 +468,9 @@ def load_for_inference(init_from: str, out_dir: str, dropout: float | None = 0.0
         if dropout is None:
             dropout = load(path, hint=hint)["model_args"].get("dropout", 0.0)
         model, ckpt = load_model(path, dropout=dropout, hint=hint)
+        if "lora" in ckpt:
+            from . import lora
+            lora.merge(model)  # one matrix per layer again: the same outputs, and faster
         return model, ckpt.get("config") or {}
     from .hf import load_pretrained
     try:

@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-from . import checkpoint
+from . import checkpoint, lora
 from .config import Config, Section, check_init_from, setting
 from .errors import ConfigError, ExportError, run_command
 from .hf import check_exportable, check_target, write_hf_folder
@@ -30,6 +30,7 @@ class ExportSettings(Section):
     out_dir: str = setting("out", "Folder holding ckpt.pt when init_from='resume'.")
     hf_dir: str = setting("", "Folder to write (config.json, model.safetensors, tokenizer files); must not exist or be empty.", path="out")
     overwrite: bool = setting(False, "Replace an existing, non-empty hf_dir.")
+    merge_lora: bool = setting(False, "The checkpoint holds LoRA adapters: fold them into the base weights (W + (alpha/r) B A) and write the merged model.")
     tokenizer: bool = setting(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, a trained BPE's tokenizer.json, or vocab_chars.json for a character vocabulary.")
     data_root: str = setting("data", "Where the dataset folder (with meta.json) is looked up first; the training run's data_root is tried next.")
     mirror: str = setting("", "Local folder mirroring the GPT-2 BPE files (gpt2-bpe/encoder.json, gpt2-bpe/vocab.bpe); default $NANOGPT_DATA_MIRROR.",
@@ -50,13 +51,24 @@ class ExportConfig(Config):
 def load_source(cfg: ExportConfig):
     """(model, training config or None, a name for messages, checkpoint path or None)."""
     if cfg.init_from != "resume":
+        if cfg.merge_lora:
+            raise ExportError("merge_lora=True: %s has no LoRA adapters to merge; drop --merge_lora" % cfg.init_from)
         model, _ = checkpoint.load_for_inference(cfg.init_from, cfg.out_dir, dropout=None)
         return model, None, cfg.init_from, None
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = checkpoint.load(path, hint="train into that out_dir first, or pass --init_from=gpt2 (or a Hugging Face folder)")
     check_exportable(ckpt["model_args"], path)  # before building: a feature must not just fail to load
+    if "lora" in ckpt and not cfg.merge_lora:
+        raise ExportError("%s holds LoRA adapters on %s, which a GPT2LMHeadModel folder cannot hold apart; pass --merge_lora=True "
+                          "to write the merged weights" % (path, lora.describe_base(ckpt["lora"].get("base") or {})))
+    if cfg.merge_lora and "lora" not in ckpt:
+        raise ExportError("merge_lora=True: %s holds whole weights, no LoRA adapters; drop --merge_lora" % path)
     model, ckpt = checkpoint.load_model(path, dropout=ckpt["model_args"].get("dropout", 0.0))  # the trained dropout goes into config.json
-    return model, ckpt.get("config") or {}, "%s (iter %s)" % (path, ckpt.get("iter_num")), path
+    name = "%s (iter %s)" % (path, ckpt.get("iter_num"))
+    if cfg.merge_lora:
+        lora.merge(model)
+        name += " with its LoRA adapters merged"
+    return model, ckpt.get("config") or {}, name, path
 
 
 def export(cfg: ExportConfig) -> str:

@@ -98,10 +98,11 @@ def full_model_state(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=_options())
 
 
-def load_model_state(model: torch.nn.Module, state: dict) -> None:
-    """Full weights, read by every rank, into the sharded model: each rank keeps its shards."""
+def load_model_state(model: torch.nn.Module, state: dict, strict: bool = True) -> None:
+    """Full weights, read by every rank, into the sharded model: each rank keeps its shards
+    (``strict=False``: some of them, e.g. LoRA adapters)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def _fqns(model: torch.nn.Module, optimizer) -> list[str]:

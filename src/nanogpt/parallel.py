@@ -65,9 +65,10 @@ class Single:
         """Full weights (rank 0 gets them; called on every rank)."""
         return self.raw.state_dict()
 
-    def load_model_state(self, state: dict) -> None:
-        """Full weights (as ``model_state`` gives them, read by every rank) back into the model."""
-        self.raw.load_state_dict(state)
+    def load_model_state(self, state: dict, strict: bool = True) -> None:
+        """Full weights (as ``model_state`` gives them, read by every rank) back into the model;
+        ``strict=False`` for part of them (a LoRA checkpoint's adapters)."""
+        self.raw.load_state_dict(state, strict=strict)
 
     def optimizer_state(self, optimizer) -> dict:
         return optimizer.state_dict()
@@ -130,9 +131,9 @@ class FSDP(DDP):
         from . import fsdp
         return fsdp.full_model_state(self.raw)
 
-    def load_model_state(self, state):
+    def load_model_state(self, state, strict=True):
         from . import fsdp
-        fsdp.load_model_state(self.raw, state)
+        fsdp.load_model_state(self.raw, state, strict)
 
     def optimizer_state(self, optimizer):
         from . import fsdp

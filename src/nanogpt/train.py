@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import checkpoint, dist, fp8, runtime
+from . import checkpoint, dist, fp8, lora, runtime
 from .checkpoint import CheckpointConfig
 from .config import Config, Section, check_init_from, setting
 from .data import BatchLoader, DataConfig, dataset_dir, load_meta, prepare_hint
 from .doc_batches import BatchConfig, DocumentLoader, attention_kind, eot_of
 from .errors import CheckpointError, ConfigError, DataError, UserError, run_command
+from .lora import LoraConfig
 from .metrics import LayerStats, MetricsConfig, MetricsLog, StepReport, keep_before_resume, open_wandb
 from .model import GPTConfig, features, saved_args
 from .optim import OptimConfig, ScheduleConfig, build, describe, get_lr, param_groups
@@ -37,7 +38,7 @@ class LoopConfig(Section):
     """What the loop does: where the weights start, how long it runs, when it evaluates, what it
     does about a bad loss."""
 
-    init_from: str = setting("scratch", "'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', or a local Hugging Face folder.")
+    init_from: str = setting("scratch", "'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a local Hugging Face folder, or another run's ckpt.pt file to finetune.")
     max_iters: int = setting(600000, "Total optimizer steps.", ge=0)
     eval_interval: int = setting(2000, "Evaluate train/val loss (and save a checkpoint) every this many iterations.", gt=0)
     eval_iters: int = setting(200, "Batches per split for each loss estimate.", gt=0)
@@ -54,6 +55,8 @@ class LoopConfig(Section):
     rewind_lr_scale: float = setting(1.0, "on_loss_fault='rewind': multiply the learning rate by this at each rewind.", gt=0, le=1)
 
     def check(self) -> None:
+        if self.init_from.endswith(".pt") and os.path.isfile(self.init_from):
+            return  # another run's checkpoint: its weights are the start
         check_init_from(self.init_from, ("scratch", "resume"))
 
 
@@ -61,7 +64,7 @@ class TrainConfig(Config):
     """Every key of train.py. Defaults are nanoGPT's (GPT-2 124M on OpenWebText)."""
 
     sections = (("checkpoint", CheckpointConfig), ("loop", LoopConfig), ("metrics", MetricsConfig), ("data", DataConfig),
-                ("batches", BatchConfig), ("model", GPTConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig), ("speed", SpeedConfig),
+                ("batches", BatchConfig), ("model", GPTConfig), ("lora", LoraConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig), ("speed", SpeedConfig),
                 ("parallel", ParallelConfig), ("runtime", RuntimeConfig))
     defaults = {"bias": False, "vocab_size": 0}
 
@@ -72,11 +75,17 @@ class TrainConfig(Config):
         if self.init_from not in ("scratch", "resume"):
             for k, v in features().items():
                 if getattr(self, k) != v:
-                    raise ConfigError("%s=%r changes the architecture, but init_from=%r loads GPT-2 as it is; drop --%s or "
+                    raise ConfigError("%s=%r changes the architecture, but init_from=%r loads its weights as they are; drop --%s or "
                                       "train from scratch" % (k, getattr(self, k), self.init_from, k))
         if self.doc_attention and self.dropout > 0:
             raise ConfigError("doc_attention=True has no attention dropout (FlexAttention applies none); pass --dropout=0.0 "
                               "or --doc_attention=False")
+        if self.lora_rank:
+            if self.init_from == "scratch":
+                raise ConfigError("lora_rank=%d trains adapters on pretrained weights, but init_from='scratch'; pass --init_from=gpt2 "
+                                  "(or a Hugging Face folder, or a ckpt.pt file), or --lora_rank=0" % self.lora_rank)
+            if self.fp8:
+                raise ConfigError("lora_rank=%d is not checked with fp8=True; pass --fp8=False or --lora_rank=0" % self.lora_rank)
         if self.gradient_accumulation_steps % world_size:
             n = -(-self.gradient_accumulation_steps // world_size) * world_size
             raise ConfigError("gradient_accumulation_steps (%d) must be divisible by the number of processes (%d); "
@@ -171,6 +180,14 @@ class Run:
     def _model(self) -> None:
         cfg, log = self.cfg, self.log
         self.raw, self.ckpt = build_model(cfg, self.meta, log)
+        if cfg.lora_rank and self.ckpt is None:  # a resume brings its adapters back itself
+            n = lora.apply(self.raw, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                           lora.base_reference(cfg.init_from))
+            log("lora: rank %d, alpha %g on %d layers (%s)" % (cfg.lora_rank, cfg.lora_alpha, n, cfg.lora_targets))
+        if lora.spec(self.raw) is not None:
+            trained, total = lora.trainable_counts(self.raw)
+            log("lora: %s of %s parameters train (%.2f%%); the base weights are frozen"
+                % (f"{trained:,}", f"{total:,}", 100 * trained / total))
         self.gconf = gconf = self.raw.config
         world = self.info.world_size
         self.micro_tokens = world * cfg.batch_size * gconf.block_size  # one micro-step on every rank
@@ -219,7 +236,7 @@ class Run:
             mats = [p for g in self.optimizer.param_groups if g.get("muon") for p in g["params"]]
             log("muon: %d block matrices (%s parameters) at muon_lr=%g; embeddings, head and vectors with AdamW at learning_rate=%g"
                 % (len(mats), f"{sum(p.numel() for p in mats):,}", cfg.muon_lr, cfg.learning_rate))
-        self.named = list(self.raw.named_parameters())
+        self.named = [(n, p) for n, p in self.raw.named_parameters() if p.requires_grad]  # LoRA: the adapters
         self.params = [p for _, p in self.named]
 
     def load_optimizer(self, tstate: dict) -> None:
@@ -263,8 +280,11 @@ class Run:
                                    lambda x: dist.all_reduce_mean(x, info), stop=self.stop if single else None)
         self.step_start = StepStart(self.train_loader, rt.device) if single else None
         peak = runtime.peak_flops(rt.device, rt.dtype, cfg.peak_flops)
+        flops = self.raw.flops_per_token(self.gconf.block_size)
+        if lora.spec(self.raw) is not None:  # a frozen weight takes no gradient: 4 FLOPs per token, not 6
+            flops -= 2 * (self.raw.num_params() - lora.trainable_counts(self.raw)[0])
         self.report = StepReport(cfg.metrics, self.metrics, self.log, device=rt.device, grad_clip=cfg.grad_clip,
-                                 max_iters=cfg.max_iters, flops_per_token=self.raw.flops_per_token(self.gconf.block_size),
+                                 max_iters=cfg.max_iters, flops_per_token=flops,
                                  peak=peak, world=info.world_size, ramp=bool(cfg.batch_size_ramp_tokens), memory=rt.max_memory)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=rt.device)  # first iteration with a non-finite loss
         self.tasks = self.task_tokenizer = None
@@ -354,7 +374,7 @@ class Run:
                             "evaluate (and save) more often with --eval_interval" % why)
         ckpt = checkpoint.load(path)
         tstate = checkpoint.load_train_state(path, ckpt)
-        self.strategy.load_model_state(ckpt["model"])
+        self.strategy.load_model_state(ckpt["model"], strict="lora" not in ckpt)
         self.load_optimizer(tstate)
         rewinds, scale = state.rewinds + 1, state.lr_scale * cfg.rewind_lr_scale
         fault_iter = state.iter_num
@@ -374,6 +394,10 @@ class Run:
         """Write a checkpoint (every rank calls this: gathering sharded state needs them all; rank 0 writes)."""
         weights = {"model": self.strategy.model_state(), "model_args": saved_args(self.gconf), "config": self.cfg.to_dict(),
                    **self.state.facts(), "world_size": self.info.world_size}
+        spec = lora.spec(self.raw)
+        if spec is not None:  # the adapters and where the base is, not the frozen base itself
+            weights["model"] = lora.adapter_state(weights["model"])
+            weights["lora"] = spec
         train_state = {"optimizer": self.strategy.optimizer_state(self.optimizer),
                        "rng": TrainState.random_state(self.train_loader, self.strategy, self.rt.device)}
         if self.scaler.is_enabled():

@@ -212,6 +212,20 @@ def check_resume_model(cfg, margs: dict, log) -> None:
                           % (k, mine, cfg.out_dir, k, saved, k))
 
 
+def check_resume_lora(cfg, saved: dict | None) -> None:
+    """A resume keeps the LoRA settings of its checkpoint (or its lack of adapters); one given on
+    the command line that disagrees is an error."""
+    have = {"lora_rank": saved["rank"], "lora_alpha": saved["alpha"], "lora_dropout": saved["dropout"],
+            "lora_targets": saved["targets"]} if isinstance(saved, dict) and "rank" in saved else {"lora_rank": 0}
+    for k, v in have.items():
+        source = cfg.sources.get(k)
+        if source is not None and source.startswith("--") and getattr(cfg, k) != v:
+            what = "has %s=%r" % (k, v) if saved else "trained every weight (no LoRA)"
+            raise ConfigError("%s=%r disagrees with the checkpoint in %s, which %s; drop --%s, or start a new run into "
+                              "another --out_dir with --init_from=%s" % (k, getattr(cfg, k), cfg.out_dir, what, k,
+                                                                          os.path.join(cfg.out_dir, "ckpt.pt")))
+
+
 def build_model(cfg, meta: dict | None, log) -> tuple[GPT, dict | None]:
     """The model for init_from ('scratch', 'resume' or GPT-2 weights), and the checkpoint when resuming."""
     if cfg.init_from == "scratch":
@@ -221,12 +235,20 @@ def build_model(cfg, meta: dict | None, log) -> tuple[GPT, dict | None]:
         ckpt = checkpoint.load(path)
         checkpoint.model_config(ckpt, path)  # every model setting checked before comparing them
         check_resume_model(cfg, ckpt["model_args"], log)
+        check_resume_lora(cfg, ckpt.get("lora"))
         return checkpoint.load_model(path, dropout=cfg.dropout)
-    log("initialising from GPT-2 weights: %s" % cfg.init_from)
-    try:
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError("cannot load %s: %s" % (cfg.init_from, first_line(e))) from None
+    if os.path.isfile(cfg.init_from):  # another run's ckpt.pt: its weights, a new run
+        log("initialising from the checkpoint %s" % cfg.init_from)
+        model, ckpt = checkpoint.load_model(cfg.init_from, dropout=cfg.dropout)
+        if "lora" in ckpt:
+            raise ConfigError("init_from=%r holds LoRA adapters, not whole weights; finetune its base, or merge it first "
+                              "(nanogpt export --merge_lora=True)" % cfg.init_from)
+    else:
+        log("initialising from GPT-2 weights: %s" % cfg.init_from)
+        try:
+            model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        except (OSError, ValueError, ImportError) as e:
+            raise UserError("cannot load %s: %s" % (cfg.init_from, first_line(e))) from None
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     return model, None
