@@ -29,7 +29,7 @@ class ExportSettings(Section):
     init_from: str = setting("resume", "'resume' (out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or a local Hugging Face folder.")
     out_dir: str = setting("out", "Folder holding ckpt.pt when init_from='resume'.")
     hf_dir: str = setting("", "Folder to write (config.json, model.safetensors, tokenizer files); must not exist or be empty.", path="out")
-    gguf: str = setting("", "GGUF file to write for llama.cpp / ollama (needs pip install gguf); with or instead of hf_dir.", path="out")
+    gguf: str = setting("", "GGUF file to write for llama.cpp / ollama (needs pip install gguf); with or instead of hf_dir.")
     gguf_type: str = setting("f16", "Weight type of the GGUF file's matrices (norms and biases stay f32).", choices=("f32", "f16", "q8_0"))
     overwrite: bool = setting(False, "Replace an existing, non-empty hf_dir.")
     tokenizer: bool = setting(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, or vocab_chars.json for a character vocabulary.")

@@ -36,6 +36,8 @@ from .tokenizer import BPE_FILES, EOT_TEXT, GPT2_VOCAB, Vocabulary
 GGUF_TYPES = ("f32", "f16", "q8_0")
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as in model.py
 ROPE_BASE = 10000.0  # model.rotary_tables' default
+# GPT-2's byte alphabet is U+0021..U+0143, so this pair never occurs in text
+NO_MERGE = "\u2581 \u2581"
 # token types of llama.cpp's vocabulary (gguf.TokenType)
 NORMAL, CONTROL, UNUSED = 1, 3, 5
 
@@ -195,6 +197,8 @@ def tokenizer_metadata(vocab: Vocabulary | None, vocab_size: int, mirror: str | 
             pieces = [table[b] for b in itos[i].encode("utf-8")]
             for k in range(1, len(pieces)):  # a character of several UTF-8 bytes: merge its bytes back
                 merges.append("%s %s" % ("".join(pieces[:k]), pieces[k]))
+        if not merges:  # gguf writes no empty array, and llama.cpp's BPE needs the key: one pair no text can produce
+            merges = [NO_MERGE]
         eot = n
         pre = "gpt-2"
     else:
