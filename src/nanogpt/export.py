@@ -31,8 +31,8 @@ class ExportSettings(Section):
     hf_dir: str = setting("", "Folder to write (config.json, model.safetensors, tokenizer files); must not exist or be empty.", path="out")
     gguf: str = setting("", "GGUF file to write for llama.cpp / ollama (needs pip install gguf); with or instead of hf_dir.")
     gguf_type: str = setting("f16", "Weight type of the GGUF file's matrices (norms and biases stay f32).", choices=("f32", "f16", "q8_0"))
-    overwrite: bool = setting(False, "Replace an existing, non-empty hf_dir.")
-    tokenizer: bool = setting(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, or vocab_chars.json for a character vocabulary.")
+    overwrite: bool = setting(False, "Replace an existing, non-empty hf_dir, or an existing gguf file.")
+    tokenizer: bool = setting(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, or vocab_chars.json for a character vocabulary (in a GGUF: its tokenizer.ggml keys; False writes tokenizer 'none').")
     data_root: str = setting("data", "Where the dataset folder (with meta.json) is looked up first; the training run's data_root is tried next.")
     mirror: str = setting("", "Local folder mirroring the GPT-2 BPE files (gpt2-bpe/encoder.json, gpt2-bpe/vocab.bpe); default $NANOGPT_DATA_MIRROR.",
                           path="dir")
