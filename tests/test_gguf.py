@@ -159,34 +159,36 @@ def test_forward_from_gguf_tensors_matches_ours(tmp_path, arch, gguf_type):
 def test_char_vocabulary(tmp_path, data_root):
     from nanogpt.data import load_meta
     stoi = load_meta(str(data_root / "shakespeare_char"))["stoi"]
-    model, gconf = tiny_model(vocab_size=len(stoi) + 1, rope=True)  # one spare id: end of text
+    model, gconf = tiny_model(vocab_size=len(stoi), rope=True, mlp_activation="relu2")  # the CPU recipe's features
     path = export_gguf(tmp_path, model, gconf, "f32", dataset="shakespeare_char", data_root=str(data_root))
     meta, W, _ = read(path)
+    assert meta["general.architecture"] == "nemotron"
+    assert meta["tokenizer.ggml.model"] == "rwkv" and "tokenizer.ggml.eos_token_id" not in meta
     tokens = meta["tokenizer.ggml.tokens"]
-    assert len(tokens) == len(stoi) + 1 and meta["tokenizer.ggml.merges"] == ["\u2581 \u2581"]  # none that apply
-    assert tokens[stoi["a"]] == "a" and tokens[stoi[" "]] == "\u0120" and tokens[stoi["\n"]] == "\u010a"
-    assert tokens[-1] == "<|endoftext|>" and meta["tokenizer.ggml.eos_token_id"] == len(stoi)
+    assert len(tokens) == len(stoi) and set(meta["tokenizer.ggml.token_type"]) == {gguf.TokenType.NORMAL}
+    assert tokens[stoi["a"]] == "a" and tokens[stoi[" "]] == " " and tokens[stoi["\n"]] == "\\n"  # RWKV's escapes
 
 
 def test_refusals_are_one_line(tmp_path, data_root, capsys):
-    cases = [(dict(qk_norm=True, rope=True), 50304, "qk_norm=True"),
-             (dict(mlp_activation="relu2"), 50304, "mlp_activation='relu2'"),
-             (dict(), 65, "fills all 65")]  # a character table with no spare id for end of text
-    for i, (features, vocab, needle) in enumerate(cases):
-        model, gconf = tiny_model(vocab_size=vocab, **features)
+    cases = [(dict(qk_norm=True, rope=True), "qk_norm=True"), (dict(mlp_activation="relu2"), "mlp_activation='relu2'")]
+    for i, (features, needle) in enumerate(cases):
+        model, gconf = tiny_model(vocab_size=65, **features)
         out = tmp_path / str(i)
         save_training_checkpoint(out, model, gconf, dataset="shakespeare_char", data_root=str(data_root))
         r = run_main("export.py", ["--out_dir=%s" % out, "--gguf=%s/m.gguf" % out], capsys)
-        assert_one_line_error(r, needle)
+        assert_one_line_error(r, needle, "GGUF")
         assert os.listdir(out) == ["ckpt.pt"]  # nothing half-written
-    r = run_main("export.py", ["--out_dir=%s" % (tmp_path / "2"), "--gguf=%s/m.gguf" % (tmp_path / "2"), "--tokenizer=False"],
-                 capsys)
+
+    model, gconf = tiny_model(vocab_size=65)
+    out = tmp_path / "2"
+    save_training_checkpoint(out, model, gconf, dataset="shakespeare_char", data_root=str(data_root))
+    args = ["--out_dir=%s" % out, "--gguf=%s/m.gguf" % out, "--tokenizer=False"]
+    r = run_main("export.py", args, capsys)
     assert r.returncode == 0, r.stderr
-    meta, _, _ = read(str(tmp_path / "2" / "m.gguf"))
+    meta, _, _ = read(str(out / "m.gguf"))
     assert meta["tokenizer.ggml.model"] == "none" and meta["gpt2.vocab_size"] == 65
-    r = run_main("export.py", ["--out_dir=%s" % (tmp_path / "2"), "--gguf=%s/m.gguf" % (tmp_path / "2"), "--tokenizer=False"],
-                 capsys)
-    assert_one_line_error(r, "exists", "--overwrite=True")
+    assert_one_line_error(run_main("export.py", args, capsys), "exists", "--overwrite=True")
+    assert_one_line_error(run_main("export.py", ["--out_dir=%s" % out], capsys), "hf_dir or gguf")
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ RoPE: our rotary pairs channel i with i + hs/2 (llama.cpp's NEOX layout) but tur
 llama.cpp turns by +angle. Negating the second half of every head's query and key rows turns one
 into the other (the attention scores are the same), so those rows are written negated.
 
-Tokenizer: GPT-2 BPE as ``tokenizer.ggml.model = gpt2`` with its tokens and merges; a character
-table as the same BPE model with no merges (each character is one token); ``tokenizer=False``
-writes ``tokenizer.ggml.model = none`` (the caller feeds token ids).
+Tokenizer: GPT-2 BPE as ``tokenizer.ggml.model = gpt2`` with its tokens and merges,
+``<|endoftext|>`` as BOS and EOS; a character table as ``rwkv``, llama.cpp's greedy tokenizer over
+raw token bytes (with one token per character it reads text character by character, and has no
+end-of-text id, so generation runs to its length limit); ``tokenizer=False`` writes ``none`` (the
+caller feeds token ids).
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ from .tokenizer import BPE_FILES, EOT_TEXT, GPT2_VOCAB, Vocabulary
 GGUF_TYPES = ("f32", "f16", "q8_0")
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as in model.py
 ROPE_BASE = 10000.0  # model.rotary_tables' default
-# GPT-2's byte alphabet is U+0021..U+0143, so this pair never occurs in text
-NO_MERGE = "\u2581 \u2581"
 # token types of llama.cpp's vocabulary (gguf.TokenType)
 NORMAL, CONTROL, UNUSED = 1, 3, 5
 
@@ -137,21 +137,18 @@ def tensor_type(name: str, t: torch.Tensor, gguf_type: str) -> str:
 # tokenizer
 
 
-def _byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (how its vocab.json spells bytes)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
+def _escape(text: str) -> str:
+    """A token's text as llama.cpp's RWKV vocabulary stores it: backslash escapes for \\, newline,
+    tab and carriage return, \\xNN for other control characters, anything else as itself."""
+    out = []
+    for c in text:
+        if c in "\\\n\t\r":
+            out.append({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}[c])
+        elif ord(c) < 32 or ord(c) == 127:
+            out.append("\\x%02x" % ord(c))
         else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _spell(text: str, table: dict[int, str]) -> str:
-    return "".join(table[b] for b in text.encode("utf-8"))
+            out.append(c)
+    return "".join(out)
 
 
 def tokenizer_metadata(vocab: Vocabulary | None, vocab_size: int, mirror: str | None = None) -> dict:
@@ -177,38 +174,24 @@ def tokenizer_metadata(vocab: Vocabulary | None, vocab_size: int, mirror: str | 
             tokens[i] = text
         types = [CONTROL if t == EOT_TEXT else NORMAL for t in tokens]
         merges = [line for line in files["merges.txt"].split("\n")[1:] if line]
-        eot = GPT2_VOCAB - 1
-        pre = "gpt-2"
+        tok = {"model": "gpt2", "pre": "gpt-2", "merges": merges, "eot": GPT2_VOCAB - 1}
     elif vocab.kind == "char":
+        # llama.cpp's RWKV tokenizer: the longest token whose bytes start the text, so with one
+        # token per character it reads text character by character; it has no end-of-text id
         itos = {int(k): v for k, v in vocab.meta["itos"].items()}
-        table, n = _byte_chars(), max(itos) + 1
-        if n >= vocab_size:
-            raise ExportError("the %d-character vocabulary fills all %d of the model's ids, leaving none for the end-of-text "
-                              "id llama.cpp stops on; pass --tokenizer=False to write the weights alone" % (len(itos), vocab_size))
-        tokens, types, merges = [], [], []
-        for i in range(n):
-            if i not in itos:
-                tokens.append("<|unused%d|>" % i)
-                types.append(UNUSED)
-                continue
-            spelled = _spell(itos[i], table)
-            tokens.append(spelled)
-            types.append(NORMAL)
-            pieces = [table[b] for b in itos[i].encode("utf-8")]
-            for k in range(1, len(pieces)):  # a character of several UTF-8 bytes: merge its bytes back
-                merges.append("%s %s" % ("".join(pieces[:k]), pieces[k]))
-        if not merges:  # gguf writes no empty array, and llama.cpp's BPE needs the key: one pair no text can produce
-            merges = [NO_MERGE]
-        eot = n
-        pre = "gpt-2"
+        if "\n" not in itos.values():
+            raise ExportError("the character vocabulary has no newline, which llama.cpp's character-level (RWKV) tokenizer "
+                              "requires; pass --tokenizer=False to write the weights alone")
+        tokens = [_escape(itos[i]) if i in itos else "<|unused%d|>" % i for i in range(max(itos) + 1)]
+        types = [NORMAL if i in itos else UNUSED for i in range(len(tokens))]
+        tok = {"model": "rwkv"}
     else:
         raise ExportError("the model's vocabulary (%s) is neither GPT-2 BPE nor a character table, which is all this "
                           "export spells for llama.cpp; pass --tokenizer=False to write the weights alone" % vocab.name)
     if len(tokens) < vocab_size:  # ids past the tokenizer: padding the model never sees in training
-        start = len(tokens)
-        tokens += [EOT_TEXT if i == eot and vocab.kind == "char" else "<|pad%d|>" % i for i in range(start, vocab_size)]
-        types += [CONTROL if i == eot and vocab.kind == "char" else UNUSED for i in range(start, vocab_size)]
-    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges, "eot": eot}
+        tokens += ["<|pad%d|>" % i for i in range(len(tokens), vocab_size)]
+        types += [UNUSED] * (vocab_size - len(types))
+    return dict(tok, tokens=tokens, types=types)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,13 +246,14 @@ def write_gguf(model: GPT, path: str, vocab: Vocabulary | None, gguf_type: str =
             w.add_rope_freq_base(ROPE_BASE)
         w.add_tokenizer_model(tok["model"])
         if tok["model"] != "none":
-            w.add_tokenizer_pre(tok["pre"])
             w.add_token_list(tok["tokens"])
             w.add_token_types(tok["types"])
+            w.add_add_bos_token(False)
+        if tok["model"] == "gpt2":
+            w.add_tokenizer_pre(tok["pre"])
             w.add_token_merges(tok["merges"])
             w.add_bos_token_id(tok["eot"])
             w.add_eos_token_id(tok["eot"])
-            w.add_add_bos_token(False)
         for tname, t in tensors.items():
             kind = tensor_type(tname, t, gguf_type)
             used[kind] = used.get(kind, 0) + 1
