@@ -129,7 +129,9 @@ def export_gguf(cfg: ExportConfig, model, train_config, name: str, ckpt_path) ->
     types = ", ".join("%d %s" % (n, t) for t, n in sorted(info["types"].items()))
     print("exported %s to %s: GGUF architecture %s, %d tensors (%s), %.1f MB, tokenizer %s"
           % (name, cfg.gguf, info["arch"], info["tensors"], types, info["bytes"] / 1e6, info["tokenizer"]))
-    print("  run with: llama-cli -m %s -p 'Hello' -n 64 --temp 0, or llama_cpp.Llama(model_path=%r)" % (cfg.gguf, cfg.gguf))
+    ctx = model.config.block_size
+    print("  run with: llama-cli -m %s -c %d -n %d -p 'Hello' -no-cnv, or llama_cpp.Llama(model_path=%r, n_ctx=%d)"
+          % (cfg.gguf, ctx, ctx // 2, cfg.gguf, ctx))
 
 
 def main(argv: list[str] | None = None) -> None:

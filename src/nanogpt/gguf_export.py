@@ -185,6 +185,10 @@ def tokenizer_metadata(vocab: Vocabulary | None, vocab_size: int, mirror: str | 
         tokens = [_escape(itos[i]) if i in itos else "<|unused%d|>" % i for i in range(max(itos) + 1)]
         types = [NORMAL if i in itos else UNUSED for i in range(len(tokens))]
         tok = {"model": "rwkv"}
+    elif vocab.meta is None:
+        raise ExportError("the meta.json of the training dataset (%s) was not found, so its vocabulary is unknown; pass "
+                          "--data_root=FOLDER holding it, or --tokenizer=False to write the weights alone"
+                          % (vocab.dataset or "not recorded"))
     else:
         raise ExportError("the model's vocabulary (%s) is neither GPT-2 BPE nor a character table, which is all this "
                           "export spells for llama.cpp; pass --tokenizer=False to write the weights alone" % vocab.name)
