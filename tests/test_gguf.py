@@ -3,6 +3,7 @@ GGUF tensors alone (llama.cpp's maths: its NEOX RoPE, its tensor names) gives ou
 when llama-cpp-python is installed (scripts/install_llama_cpp.sh), llama.cpp itself does."""
 
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ from torch.nn import functional as F
 gguf = pytest.importorskip("gguf")
 
 from helpers import assert_one_line_error, run_main  # noqa: E402
+from nanogpt import checkpoint  # noqa: E402
 from nanogpt.export import main  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
-from test_export import save_training_checkpoint  # noqa: E402
+from nanogpt.train import TrainConfig  # noqa: E402
 
 # the feature sets llama.cpp has an architecture for, and which one
 MODELS = {
@@ -39,6 +41,14 @@ def tiny_model(vocab_size=50304, seed=0, **features):
         if gconf.untied_head:
             model.lm_head.weight.mul_(20)
     return model.eval(), gconf
+
+
+def save_training_checkpoint(out_dir, model, gconf, **config):
+    """A checkpoint as training writes it (the fields export reads)."""
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = {"format": checkpoint.FORMAT, "model": model.state_dict(), "model_args": asdict(gconf),
+            "config": TrainConfig(**config).to_dict(), "iter_num": 10, "tokens_seen": 1000, "best_val_loss": 3.0, "world_size": 1}
+    checkpoint.save(ckpt, os.path.join(out_dir, "ckpt.pt"))
 
 
 def export_gguf(tmp_path, model, gconf, gguf_type="f32", extra=(), **train_config):
