@@ -10,7 +10,7 @@ COMMANDS = {
     "eval": ("nanogpt.evaluate", "perplexity, bits per byte, HellaSwag and LAMBADA of a checkpoint or GPT-2 weights"),
     "bench": ("nanogpt.bench", "time training steps: ms/iter, tokens/s, MFU, peak memory"),
     "prepare": ("nanogpt.prepare", "prepare a dataset (shakespeare_char, shakespeare, openwebtext, corpus, chat) or train a tokenizer (tokenizer)"),
-    "export": ("nanogpt.export", "write a checkpoint as a Hugging Face GPT2LMHeadModel folder (+ tokenizer files)"),
+    "export": ("nanogpt.export", "write a checkpoint as a Hugging Face GPT2LMHeadModel folder (+ tokenizer files) or a GGUF file"),
     "plot": ("nanogpt.plot", "plot metrics.jsonl of one or more runs into a PNG (needs matplotlib)"),
 }
 

@@ -1,4 +1,4 @@
-"""Export to Hugging Face format: ``python export.py --out_dir=out --hf_dir=out-hf``.
+"""Export to Hugging Face format (``python export.py --out_dir=out --hf_dir=out-hf``) or to GGUF (``--gguf=model.gguf``, see gguf_export.py).
 
 The folder written holds ``config.json`` and ``model.safetensors`` for transformers'
 ``GPT2LMHeadModel``, and the tokenizer files when the vocabulary is known: GPT-2's
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from . import checkpoint, lora
 from .config import Config, Section, check_init_from, setting
 from .errors import ConfigError, ExportError, run_command
+from .gguf_export import architecture, check_gguf_target, write_gguf
 from .hf import check_exportable, check_target, write_hf_folder
 from .tokenizer import GPT2_VOCAB, Vocabulary, find_meta, vocabulary_kind, write_hf_tokenizer
 
@@ -29,16 +30,19 @@ class ExportSettings(Section):
     init_from: str = setting("resume", "'resume' (out_dir/ckpt.pt), a GPT-2 name ('gpt2', ..., 'gpt2-xl') or a local Hugging Face folder.")
     out_dir: str = setting("out", "Folder holding ckpt.pt when init_from='resume'.")
     hf_dir: str = setting("", "Folder to write (config.json, model.safetensors, tokenizer files); must not exist or be empty.", path="out")
-    overwrite: bool = setting(False, "Replace an existing, non-empty hf_dir.")
+    gguf: str = setting("", "GGUF file to write for llama.cpp / ollama (needs pip install gguf); with or instead of hf_dir.")
+    gguf_type: str = setting("f16", "Weight type of the GGUF file's matrices (norms and biases stay f32).", choices=("f32", "f16", "q8_0"))
+    overwrite: bool = setting(False, "Replace an existing, non-empty hf_dir, or an existing gguf file.")
     merge_lora: bool = setting(False, "The checkpoint holds LoRA adapters: fold them into the base weights (W + (alpha/r) B A) and write the merged model.")
-    tokenizer: bool = setting(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, a trained BPE's tokenizer.json, or vocab_chars.json for a character vocabulary.")
+    tokenizer: bool = setting(True, "Also write tokenizer files: GPT-2's vocab.json/merges.txt, a trained BPE's tokenizer.json, or vocab_chars.json for a character vocabulary (in a GGUF: its tokenizer.ggml keys; False writes tokenizer 'none').")
     data_root: str = setting("data", "Where the dataset folder (with meta.json) is looked up first; the training run's data_root is tried next.")
     mirror: str = setting("", "Local folder mirroring the GPT-2 BPE files (gpt2-bpe/encoder.json, gpt2-bpe/vocab.bpe); default $NANOGPT_DATA_MIRROR.",
                           path="dir")
 
     def check(self) -> None:
-        if not self.hf_dir:
-            raise ConfigError("hf_dir must be set: the folder to write the Hugging Face model into, e.g. --hf_dir=out-hf")
+        if not self.hf_dir and not self.gguf:
+            raise ConfigError("hf_dir or gguf must be set: the Hugging Face folder or the GGUF file to write, e.g. --hf_dir=out-hf "
+                              "or --gguf=model.gguf")
         check_init_from(self.init_from, ("resume",))
 
 
@@ -57,9 +61,12 @@ def load_source(cfg: ExportConfig):
         return model, None, cfg.init_from, None
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = checkpoint.load(path, hint="train into that out_dir first, or pass --init_from=gpt2 (or a Hugging Face folder)")
-    check_exportable(ckpt["model_args"], path)  # before building: a feature must not just fail to load
+    if cfg.hf_dir:
+        check_exportable(ckpt["model_args"], path)  # before building: a feature must not just fail to load
+    if cfg.gguf:
+        architecture(ckpt["model_args"], path)
     if "lora" in ckpt and not cfg.merge_lora:
-        raise ExportError("%s holds LoRA adapters on %s, which a GPT2LMHeadModel folder cannot hold apart; pass --merge_lora=True "
+        raise ExportError("%s holds LoRA adapters on %s, which an exported model cannot hold apart; pass --merge_lora=True "
                           "to write the merged weights" % (path, lora.describe_base(ckpt["lora"].get("base") or {})))
     if cfg.merge_lora and "lora" not in ckpt:
         raise ExportError("merge_lora=True: %s holds whole weights, no LoRA adapters; drop --merge_lora" % path)
@@ -72,12 +79,22 @@ def load_source(cfg: ExportConfig):
 
 
 def export(cfg: ExportConfig) -> str:
-    """Write the model ``cfg`` names as a Hugging Face folder; returns the folder."""
+    """Write the model ``cfg`` names as a Hugging Face folder and/or a GGUF file; returns the
+    folder (or the file, with no hf_dir)."""
     cfg.validate()
-    if importlib.util.find_spec("safetensors") is None:
+    if cfg.hf_dir and importlib.util.find_spec("safetensors") is None:
         raise ExportError("export writes model.safetensors and needs safetensors: pip install safetensors")
-    check_target(cfg.hf_dir, cfg.overwrite)  # before loading a large model
+    if cfg.gguf and importlib.util.find_spec("gguf") is None:
+        raise ExportError("a GGUF export needs the gguf package: pip install gguf (or pip install -e '.[gguf]')")
+    if cfg.hf_dir:
+        check_target(cfg.hf_dir, cfg.overwrite)  # before loading a large model
+    if cfg.gguf:
+        check_gguf_target(cfg.gguf, cfg.overwrite)
     model, train_config, name, ckpt_path = load_source(cfg)
+    if cfg.gguf:
+        export_gguf(cfg, model, train_config, name, ckpt_path)
+        if not cfg.hf_dir:
+            return cfg.gguf
     model_args = asdict(model.config)
     vocab_size = model.config.vocab_size
     meta = find_meta(train_config, cfg.data_root) if train_config else None
@@ -116,6 +133,22 @@ def export(cfg: ExportConfig) -> str:
             note = "no meta.json found for the training dataset; pass --data_root=<folder holding the dataset folder>"
         print("  no tokenizer files written: %s" % note, file=sys.stderr)
     return cfg.hf_dir
+
+
+def export_gguf(cfg: ExportConfig, model, train_config, name: str, ckpt_path) -> None:
+    """The GGUF half of :func:`export` (gguf_export.py does the writing)."""
+    check_gguf_target(cfg.gguf, cfg.overwrite, ckpt_path)
+    meta = find_meta(train_config, cfg.data_root) if train_config else None
+    vocab = Vocabulary(None, meta, vocabulary_kind(meta, model.config.vocab_size), None, (train_config or {}).get("dataset"))
+    info = write_gguf(model, cfg.gguf, vocab if cfg.tokenizer else None, cfg.gguf_type, mirror=cfg.mirror or None,
+                      name=os.path.basename(os.path.abspath(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from)),
+                      source=name)
+    types = ", ".join("%d %s" % (n, t) for t, n in sorted(info["types"].items()))
+    print("exported %s to %s: GGUF architecture %s, %d tensors (%s), %.1f MB, tokenizer %s"
+          % (name, cfg.gguf, info["arch"], info["tensors"], types, info["bytes"] / 1e6, info["tokenizer"]))
+    ctx = model.config.block_size
+    print("  run with: llama-cli -m %s -c %d -n %d -p 'Hello' -no-cnv, or llama_cpp.Llama(model_path=%r, n_ctx=%d)"
+          % (cfg.gguf, ctx, ctx // 2, cfg.gguf, ctx))
 
 
 def main(argv: list[str] | None = None) -> None:
