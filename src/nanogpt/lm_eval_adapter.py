@@ -44,7 +44,7 @@ import sys
 
 import torch
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, first_line
 
 
 class LmEvalMissing(UserError, ImportError):
@@ -254,21 +254,52 @@ class NanoGPTLM(TemplateLM):
 
 
 def run_tasks(lm: NanoGPTLM, tasks: list[str], limit: int = 0, num_fewshot: int | None = None,
-              include_path: str = "", log_samples: bool = False, seed: int = 1234) -> dict:
-    """Run lm-eval's tasks (by name; ``include_path`` adds a folder of task YAML files) on ``lm``;
-    lm-eval's result dict ("results", and "samples" with ``log_samples``)."""
+              include_path: str = "", builtin: bool = True, log_samples: bool = False, seed: int = 1234) -> dict:
+    """Run lm-eval's tasks (by name; ``include_path`` adds a folder of task YAML files, and
+    ``builtin=False`` leaves lm-eval's own out) on ``lm``; lm-eval's result dict ("results", and
+    "samples" with ``log_samples``)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
-    manager = TaskManager(include_path=include_path or None)
+    manager = TaskManager(include_path=include_path or None, include_defaults=builtin)
     missing = [t for t in tasks if t not in manager.all_tasks]
     if missing:
-        where = " or in %s" % include_path if include_path else " (local task files: --lm_eval_include=FOLDER)"
-        raise ConfigError("lm_eval_tasks: unknown task %r: not one of lm-eval's%s" % (missing[0], where))
+        where = ("lm-eval's tasks" if builtin else "") + (" or " if builtin and include_path else "") + \
+            ("the task files in %s" % include_path if include_path else "")
+        raise ConfigError("lm_eval_tasks: unknown task %r, not among %s" % (missing[0], where))
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit or None,
                                        task_manager=manager, log_samples=log_samples, random_seed=seed,
                                        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                        bootstrap_iters=0)
-    except (ConnectionError, OSError) as e:
-        raise UserError("lm-eval could not load the data of %s (%s); offline, use local task files "
-                        "(--lm_eval_include=FOLDER)" % (", ".join(tasks), str(e).splitlines()[0][:160])) from None
+    except UserError:
+        raise
+    except Exception as e:  # most often a task's data set that cannot be fetched here
+        if not _from_data_loading(e):
+            raise
+        raise UserError("lm-eval could not load the data of %s (%s: %s); offline, point it at local files with a task "
+                        "YAML in --lm_eval_include=FOLDER" % (", ".join(tasks), type(e).__name__, first_line(e, 160))) from None
+
+
+def _from_data_loading(e: BaseException) -> bool:
+    """Whether an error comes from fetching or reading a data set (datasets, the Hub, the network)."""
+    if isinstance(e, (ConnectionError, TimeoutError, FileNotFoundError)):
+        return True
+    return type(e).__module__.split(".")[0] in ("datasets", "huggingface_hub", "requests", "urllib3", "fsspec")
+
+
+def summary(out: dict | None) -> tuple[dict, list[str]]:
+    """({task: {metric: value}}, one printed line per task) from lm-eval's result dict."""
+    table: dict = {}
+    lines = []
+    for task, metrics in ((out or {}).get("results") or {}).items():
+        row = {}
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if not filt or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            row[name if filt == "none" else "%s,%s" % (name, filt)] = float(value)
+        table[task] = row
+        n = ((out.get("n-samples") or {}).get(task) or {}).get("effective")
+        shown = " | ".join("%s %.4f" % kv for kv in row.items())
+        lines.append("lm_eval    %s%s: %s" % (task, " (%d examples)" % n if n else "", shown or "no metrics"))
+    return table, lines
