@@ -287,3 +287,13 @@ def test_unknown_local_task_is_one_line(rope_run, data_root, capsys):
                              "--lm_eval_tasks=nano_nothing", "--lm_eval_include=%s" % (root / "tasks"),
                              "--lm_eval_builtin=False"], capsys)
     assert r.returncode == 2 and "unknown task 'nano_nothing'" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("n,window", [(1, 4), (3, 4), (4, 4), (9, 4), (100, 16), (31, 32), (65, 32)])
+def test_rolling_pairs_are_lm_evals_windows(n, window):
+    """scoring.rolling_pairs gives the (context, continuation) pairs of lm-eval's own
+    get_rolling_token_windows + make_disjoint_window."""
+    from lm_eval import utils
+    ids = list(range(100, 100 + n))
+    theirs = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(ids, 7, window, 1)]
+    assert scoring.rolling_pairs(ids, 7, window) == [(list(a), list(b)) for a, b in theirs]
