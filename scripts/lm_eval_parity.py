@@ -83,7 +83,11 @@ def main() -> None:
     ap.add_argument("--hf_dir", default="", help="the exported folder: compare with lm-eval's hf backend")
     ap.add_argument("--n", type=int, default=50, help="documents per task")
     ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for both scorers (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
 
     from nanogpt import scoring
     from nanogpt.checkpoint import load_for_inference
@@ -97,8 +101,8 @@ def main() -> None:
             rows["nano_gen"] = prompts
         write_tasks(tmp, rows)
         folder, tasks = tmp, list(rows)
-        ours = harness("nanogpt", "out_dir=%s,data_root=%s,device=cpu,batch_size=%d" % (args.out_dir, args.data_root,
-                                                                                         args.batch_size), folder, tasks)
+        ours = harness("nanogpt", "out_dir=%s,data_root=%s,device=cpu,batch_size=%d,threads=%d" % (
+            args.out_dir, args.data_root, args.batch_size, args.threads), folder, tasks)
         if args.hf_dir:
             other = "lm-eval hf backend on %s" % args.hf_dir
             theirs = harness("hf", "pretrained=%s,device=cpu,batch_size=%d,dtype=float32" % (args.hf_dir, args.batch_size),

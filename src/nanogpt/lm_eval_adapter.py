@@ -15,7 +15,8 @@ weights (``init_from=gpt2`` ... ``gpt2-xl``) or a local Hugging Face folder
 features GPT2LMHeadModel lacks (``rope``, ``qk_norm``, ``relu2``, an untied head) and character
 vocabularies work as in training. Other model_args: ``data_root`` (where the dataset's meta.json
 is looked up), ``device``, ``dtype``, ``batch_size``, ``max_length`` (default: the model's
-context).
+context) and ``threads`` (CPU threads; 0, the default, uses the cores other processes leave
+idle, as every command does).
 
 The three request kinds are scored as lm-eval's own ``hf`` backend scores them, so that the same
 weights give the same numbers through either (see tests/test_lm_eval.py):
@@ -89,19 +90,22 @@ class NanoGPTLM(TemplateLM):
 
     def __init__(self, init_from: str = "resume", out_dir: str = "out", pretrained: str | None = None,
                  data_root: str = "data", device: str | None = None, dtype: str = "auto", batch_size=8,
-                 max_batch_size=None, max_length=0, model=None, vocab=None, autocast=None, progress: bool = True,
-                 **unknown):
+                 max_batch_size=None, max_length=0, threads=0, model=None, vocab=None, autocast=None,
+                 progress: bool = True, **unknown):
         super().__init__()
         if unknown:
             raise ConfigError("lm-eval model_args: unknown key %r for model %r (known: init_from, pretrained, out_dir, "
-                              "data_root, device, dtype, batch_size, max_length)" % (sorted(unknown)[0], NAME))
+                              "data_root, device, dtype, batch_size, max_length, threads)" % (sorted(unknown)[0], NAME))
         if model is None:
             device = runtime.resolve_device(device or "auto")
+            cpu_threads = runtime.CpuThreads(_int("threads", threads, 0), device.split(":")[0])
+            cpu_threads.start()  # the threads rule of every command: the cores other processes leave idle
             model, train_config = load_for_inference(pretrained or init_from, out_dir)
             model.eval().to(device)
             vocab = vocabulary_for(train_config, data_root, model.config.vocab_size)
             dtype = runtime.resolve_dtype(dtype, device.split(":")[0])
             autocast = runtime.autocast(device.split(":")[0], dtype)
+            cpu_threads.settle(lambda m: print(m, file=sys.stderr))
         elif vocab is None:
             raise ConfigError("NanoGPTLM(model=...) needs the model's vocabulary too (vocab=tokenizer.vocabulary_for(...))")
         self.model, self.vocab, self.tok = model, vocab, vocab.tokenizer
