@@ -218,8 +218,8 @@ def perplexity(model, tokens, tokenizer, device: str, ctx, window: int, stride: 
             with ctx:
                 logits, _ = model(xt)  # (B, T, V)
             logits = _real_logits(logits, limit)
-            nll += F.cross_entropy(logits.view(-1, logits.size(-1)), yt.view(-1), ignore_index=-1,
-                                   reduction="sum").item()
+            losses = F.cross_entropy(logits.view(-1, logits.size(-1)), yt.view(-1), ignore_index=-1, reduction="none")
+            nll += losses.double().sum().item()  # summed in float64: a float32 sum of thousands drifts by 1e-4
             scored += int((y >= 0).sum())
             bar.update(len(batch))
     loss = nll / scored
