@@ -171,6 +171,49 @@ def test_windows_score_every_token_once(n, window, stride):
     assert seen == list(range(1, n))
 
 
+@pytest.mark.parametrize("n,window", [(2, 4), (5, 4), (9, 4), (10, 4), (100, 16), (33, 32)])
+def test_rolling_windows_are_disjoint_with_full_context(n, window):
+    """definitions=lm_eval: every token from 1 on scored once, each window reads a whole window
+    when the sequence has that many tokens before its end, and the scored runs are disjoint."""
+    seen = []
+    spans = list(scoring.rolling_windows(n, window))
+    assert len(spans) == scoring.window_count(n, window, window)
+    for begin, end, first in spans:
+        assert end - begin == min(window, end) and begin < first <= end and end <= n - 1
+        assert end - first + 1 <= window
+        seen.extend(range(first, end + 1))
+    assert seen == list(range(1, n))
+    pairs = scoring.rolling_pairs(list(range(100, 100 + n - 1)), 7, window)
+    assert [t for _, cont in pairs for t in cont] == list(range(100, 100 + n - 1))
+    assert pairs[0][0] == [7] and all(len(c) + len(k) <= window + 1 for c, k in pairs)
+
+
+def test_lm_eval_perplexity_scores_the_first_token_after_eot(hf, ours, text_file, bpe):
+    model, tok = ours
+    ids = bpe.encode(text_file[1], allowed_special={"<|endoftext|>"})
+    r = scoring.perplexity(model, np.array(ids), tok, "cpu", nullcontext(), BLOCK, BLOCK, batch_size=3, progress=False,
+                           definitions="lm_eval")
+    seq, nll = [bpe.eot_token] + ids, 0.0
+    for done in range(0, len(ids), BLOCK):  # predict ids[done:done + BLOCK] from a full window before them
+        end = min(done + BLOCK, len(ids))
+        inputs = seq[max(0, end - BLOCK):end]
+        lp = hf_logprobs(hf[1], inputs)
+        for target in range(done, end):  # seq index target + 1, read at position target + 1 - start - 1
+            nll -= lp[target - max(0, end - BLOCK), ids[target]].item()
+    assert r["tokens"] == len(ids)
+    assert r["loss"] * r["tokens"] == pytest.approx(nll, rel=1e-5)
+    assert r["bytes"] == len(text_file[1].encode("utf-8"))  # <|endoftext|> counts as its text, as lm-eval counts it
+    assert len(ids) % BLOCK and len(ids) > 2 * BLOCK  # a short last window with full context was exercised
+
+
+def test_encode_pair_moves_the_space_and_splits_the_joined_tokens(ours, bpe):
+    tok = ours[1]
+    assert scoring.encode_pair(tok, "To bake bread, you ", "knead") == (bpe.encode("To bake bread, you"), bpe.encode(" knead"))
+    assert scoring.encode_pair(tok, "", "Hello") == ([bpe.eot_token], bpe.encode("Hello"))
+    context, cont = scoring.encode_pair(tok, "caf", "é au lait")  # one token may span the join
+    assert context == bpe.encode("caf") and context + cont == bpe.encode("café au lait")
+
+
 def test_utf8_len_counts_bytes_not_characters(ours, bpe):
     tok = ours[1]
     ids = bpe.encode("a🙂b")
@@ -276,6 +319,30 @@ def test_acc_sums_and_acc_norm_averages(monkeypatch, hellaswag_file, ours):
     monkeypatch.setattr(scoring, "score_continuations", fake)
     r = scoring.hellaswag(ours[0], hellaswag_file, ours[1], "cpu", nullcontext(), BLOCK, progress=False)
     assert (r["acc"], r["acc_norm"]) == (0.0, 1.0)
+
+
+def test_acc_norm_per_character_under_lm_eval_definitions(monkeypatch, hellaswag_file, ours):
+    """definitions=lm_eval divides by the ending's characters, acc_bytes by its bytes, under both."""
+    sizes = [len(e["endings"]) for e in HELLASWAG]
+
+    def fake(model, pairs, *a, **kw):  # log-probability -1 per character: every ending ties per character
+        out = []
+        for e in HELLASWAG:
+            out.extend((-1.0 * len(x) - (0.5 if j == e["label"] else 1.0), 3, False) for j, x in enumerate(e["endings"]))
+        assert len(pairs) == len(out) == sum(sizes)
+        return out
+
+    monkeypatch.setattr(scoring, "score_continuations", fake)
+    r = scoring.hellaswag(ours[0], hellaswag_file, ours[1], "cpu", nullcontext(), BLOCK, progress=False,
+                          definitions="lm_eval", details=True)
+    assert r["acc_norm_per"] == "character"
+    for ex, got in zip(HELLASWAG, r["examples"]):
+        assert got["char_logprob"] == pytest.approx([lp / len(x) for lp, x in zip(got["logprob"], ex["endings"])])
+    per_char = [int(np.argmax([lp / len(x) for lp, x in zip(got["logprob"], ex["endings"])]) == ex["label"])
+                for ex, got in zip(HELLASWAG, r["examples"])]
+    assert r["acc_norm"] == sum(per_char) / len(HELLASWAG)
+    base = scoring.hellaswag(ours[0], hellaswag_file, ours[1], "cpu", nullcontext(), BLOCK, progress=False)
+    assert base["acc_norm_per"] == "token" and base["acc_bytes"] == r["acc_bytes"]
 
 
 def test_lambada_matches_transformers(hf, ours, lambada_file, bpe):

@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "train": ("nanogpt.train", "train or finetune a model (config files and --key=value overrides)"),
     "sample": ("nanogpt.sample", "generate text from a checkpoint or GPT-2 weights"),
-    "eval": ("nanogpt.evaluate", "perplexity, bits per byte, HellaSwag and LAMBADA of a checkpoint or GPT-2 weights"),
+    "eval": ("nanogpt.evaluate", "perplexity, bits per byte, HellaSwag and LAMBADA of a checkpoint or GPT-2 weights; lm-eval tasks"),
     "bench": ("nanogpt.bench", "time training steps: ms/iter, tokens/s, MFU, peak memory"),
     "prepare": ("nanogpt.prepare", "prepare a dataset (shakespeare_char, shakespeare, openwebtext, corpus, chat) or train a tokenizer (tokenizer)"),
     "export": ("nanogpt.export", "write a checkpoint as a Hugging Face GPT2LMHeadModel folder (+ tokenizer files) or a GGUF file"),

@@ -2,8 +2,10 @@
 
 Perplexity and bits per byte of a dataset split or a text file, zero-shot HellaSwag-format
 multiple choice and LAMBADA last-word accuracy of a checkpoint or GPT-2 weights; the definitions
-are in scoring.py. On chat data (`nanogpt prepare chat`) it also reports the masked loss: the
-assistant tokens of the held-out conversations only, the loss SFT trains.
+are in scoring.py (``--definitions=lm_eval`` gives lm-evaluation-harness's). On chat data
+(`nanogpt prepare chat`) it also reports the masked loss: the assistant tokens of the held-out
+conversations only, the loss SFT trains. ``--lm_eval_tasks`` runs lm-evaluation-harness's own
+tasks on the same model (lm_eval_adapter.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .config import Config, Section, check_init_from, check_path, setting
 from .data import Tokens, chat_files, dataset_dir, is_chat, load_meta, prepare_hint, token_count
 from .errors import ConfigError, DataError, UserError, run_command
 from .runtime import RuntimeConfig
-from .scoring import DOWNLOADS, chat_loss, encode_file, hellaswag, lambada, perplexity
+from .scoring import DEFINITIONS, DOWNLOADS, chat_loss, encode_file, hellaswag, lambada, perplexity
 from .tokenizer import vocabulary_for
 
 
@@ -49,9 +51,26 @@ class EvalSettings(Section):
     mirror: str = setting("", "Local folder mirroring the task files (hellaswag/hellaswag_val.jsonl, lambada/lambada_test.jsonl); default $NANOGPT_DATA_MIRROR.",
                           path="dir")
     json_out: str = setting("", "Also write the results as JSON to this file (written atomically).")
+    definitions: str = setting("nanogpt", "How perplexity and the tasks are scored: 'nanogpt' (acc_norm per token; windows of block_size by stride, the first token context only) or 'lm_eval' (as lm-evaluation-harness 0.4: context and ending tokenised together, acc_norm per character; its rolling windows, the first token scored after <|endoftext|>).",
+                               choices=DEFINITIONS)
+    lm_eval_tasks: str = setting("", "lm-evaluation-harness tasks to run on the model, comma-separated (e.g. 'hellaswag,lambada_openai,arc_easy'); needs pip install 'nanogpt[eval]'.")
+    lm_eval_limit: int = setting(0, "Run only the first lm_eval_limit examples of each lm-eval task (0 = all).", ge=0)
+    lm_eval_fewshot: int = setting(-1, "Few-shot examples for the lm-eval tasks (-1 = each task's own default).", ge=-1)
+    lm_eval_include: str = setting("", "A folder of extra lm-eval task YAML files (local tasks, no download).", path="dir")
+    lm_eval_builtin: bool = setting(True, "Also look up lm-eval's own task definitions (False: only lm_eval_include's, which starts faster).")
 
     def check(self) -> None:
         check_init_from(self.init_from, ("resume",))
+        if self.definitions == "lm_eval" and self.stride:
+            raise ConfigError("stride applies to definitions='nanogpt' only: lm-eval's rolling windows do not overlap; "
+                              "drop --stride or use --definitions=nanogpt")
+        tasks = [t.strip() for t in self.lm_eval_tasks.split(",") if t.strip()]
+        if len(set(tasks)) < len(tasks):
+            raise ConfigError("lm_eval_tasks names a task twice: %r" % self.lm_eval_tasks)
+        if not tasks and (self.lm_eval_limit or self.lm_eval_include or self.lm_eval_fewshot != -1):
+            raise ConfigError("lm_eval_limit, lm_eval_fewshot and lm_eval_include need --lm_eval_tasks=TASK,...")
+        if not self.lm_eval_builtin and not self.lm_eval_include:
+            raise ConfigError("lm_eval_builtin=False needs --lm_eval_include=FOLDER: no task would be known")
         if self.max_tokens == 1:
             raise ConfigError("max_tokens must be 0 (all) or at least 2: the first token is context only")
         if self.block_size and self.stride > self.block_size:
@@ -170,6 +189,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
     # task files first: a missing checksum or a failed download should not wait for the model
     files = {task: task_file(task, getattr(cfg, task), cfg) for task in DOWNLOADS if getattr(cfg, task)}
+    lm_tasks = [t.strip() for t in cfg.lm_eval_tasks.split(",") if t.strip()]
+    if lm_tasks:
+        from . import lm_eval_adapter  # noqa: F401  before loading the model: one line when lm-eval is missing
     rt = runtime.setup(cfg.runtime, log=None)
     model, train_config = load_for_inference(cfg.init_from, cfg.out_dir)
     model.eval().to(rt.device)
@@ -184,10 +206,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     if stride > window:
         raise ConfigError("stride (%d) must not exceed the window of %d tokens" % (stride, window))
     dataset = cfg.dataset
-    if not (dataset or cfg.text_file or cfg.hellaswag or cfg.lambada):
+    if not (dataset or cfg.text_file or cfg.hellaswag or cfg.lambada or lm_tasks):
         if not (train_config and train_config.get("dataset")):
-            raise ConfigError("nothing to evaluate: set --dataset=NAME, --text_file=PATH, --hellaswag=PATH|download "
-                              "or --lambada=PATH|download")
+            raise ConfigError("nothing to evaluate: set --dataset=NAME, --text_file=PATH, --hellaswag=PATH|download, "
+                              "--lambada=PATH|download or --lm_eval_tasks=TASK,...")
         dataset = train_config["dataset"]
     rt.threads.settle(lambda m: print(m, file=sys.stderr))
     scorer = model
@@ -207,9 +229,13 @@ def evaluate(cfg: EvalConfig) -> dict:
             tokens, source = split_tokens(dataset, roots, cfg.split, tok, cfg.max_tokens)
         else:
             tokens, source = np.asarray(encode_file(tok, cfg.text_file, cfg.max_tokens), dtype=np.int64), cfg.text_file
-        r = perplexity(scorer, tokens, tok, rt.device, ctx, window, stride, cfg.batch_size, where=source)
-        results["perplexity"] = dict(r, source=source, window=window, stride=stride)
-        lines.append("perplexity %s: %s tokens scored (window %d, stride %d)" % (source, f"{r['tokens']:,}", window, stride))
+        harness = cfg.definitions == "lm_eval"
+        r = perplexity(scorer, tokens, tok, rt.device, ctx, window, stride, cfg.batch_size, where=source,
+                       definitions=cfg.definitions)
+        results["perplexity"] = dict(r, source=source, window=window, stride=window if harness else stride,
+                                     definitions=cfg.definitions)
+        how = "lm-eval rolling windows of %d" % window if harness else "window %d, stride %d" % (window, stride)
+        lines.append("perplexity %s: %s tokens scored (%s)" % (source, f"{r['tokens']:,}", how))
         bpb = "%.4f" % r["bpb"] if r["bpb"] is not None else "n/a"
         lines.append("           loss %.4f nats/token | perplexity %.3f | %s bits/byte" % (r["loss"], r["ppl"], bpb))
         meta = load_meta(os.path.dirname(source)) if dataset else None
@@ -223,13 +249,25 @@ def evaluate(cfg: EvalConfig) -> dict:
                          % (source, f"{r['tokens']:,}", f"{r['conversations']:,}", "held-out " if cfg.split == "val" else ""))
             lines.append("           loss %.4f nats/token | perplexity %.3f" % (r["loss"], r["ppl"]))
     if cfg.hellaswag:
-        r = hellaswag(scorer, files["hellaswag"], tok, rt.device, ctx, window, cfg.batch_size, cfg.limit)
-        results["hellaswag"] = dict(r, source=files["hellaswag"])
-        lines.append("hellaswag  %s examples: acc %.4f | acc_norm %.4f (mean log-prob per token)" % (f"{r['n']:,}", r["acc"], r["acc_norm"]))
+        r = hellaswag(scorer, files["hellaswag"], tok, rt.device, ctx, window, cfg.batch_size, cfg.limit,
+                      definitions=cfg.definitions)
+        results["hellaswag"] = dict(r, source=files["hellaswag"], definitions=cfg.definitions)
+        lines.append("hellaswag  %s examples: acc %.4f | acc_norm %.4f (log-prob per %s) | acc_bytes %.4f"
+                     % (f"{r['n']:,}", r["acc"], r["acc_norm"], r["acc_norm_per"], r["acc_bytes"]))
     if cfg.lambada:
-        r = lambada(scorer, files["lambada"], tok, rt.device, ctx, window, cfg.batch_size, cfg.limit)
-        results["lambada"] = dict(r, source=files["lambada"])
+        r = lambada(scorer, files["lambada"], tok, rt.device, ctx, window, cfg.batch_size, cfg.limit,
+                    definitions=cfg.definitions)
+        results["lambada"] = dict(r, source=files["lambada"], definitions=cfg.definitions)
         lines.append("lambada    %s examples: acc %.4f | target loss %.4f | perplexity %.3f" % (f"{r['n']:,}", r["acc"], r["loss"], r["ppl"]))
+    if lm_tasks:
+        from .lm_eval_adapter import NanoGPTLM, run_tasks, summary
+        print("lm_eval    running %s through lm-evaluation-harness" % ", ".join(lm_tasks), file=sys.stderr)
+        lm = NanoGPTLM(model=model, vocab=vocab, device=rt.device, autocast=ctx, batch_size=cfg.batch_size,
+                       max_length=window)
+        out = run_tasks(lm, lm_tasks, cfg.lm_eval_limit, None if cfg.lm_eval_fewshot < 0 else cfg.lm_eval_fewshot,
+                        cfg.lm_eval_include, cfg.lm_eval_builtin, seed=cfg.seed)
+        results["lm_eval"], text = summary(out)
+        lines.extend(text)
     check_finite_results(results, name)
     print("\n".join(lines))
     sys.stdout.flush()

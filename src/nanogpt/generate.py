@@ -45,7 +45,8 @@ class KVCache:
 @torch.no_grad()
 def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, use_cache: bool = True, vocab_limit: int | None = None,
-             generator: torch.Generator | None = None, cuda_graph: bool = True, fixed_shape: bool | None = None):
+             generator: torch.Generator | None = None, cuda_graph: bool = True, fixed_shape: bool | None = None,
+             stop=None):
     """Extend idx (B, T) by max_new_tokens tokens.
 
     With the cache, the prompt is run once (prefill) and each new token costs one position.
@@ -54,7 +55,8 @@ def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0, top
     same tokens. temperature=0 is greedy; vocab_limit masks padded vocabulary entries.
     On CUDA the one-token step has fixed shapes and is replayed as a CUDA graph (one launch
     instead of hundreds); ``cuda_graph=False`` runs it eagerly, ``fixed_shape`` chooses that step
-    elsewhere too (default: on CUDA).
+    elsewhere too (default: on CUDA). ``stop(idx)``, when given, is asked after each new token and
+    ends the generation early by returning True.
     """
     fixed = use_cache and (idx.is_cuda if fixed_shape is None else fixed_shape)
     graph = fixed and cuda_graph and idx.is_cuda
@@ -80,6 +82,8 @@ def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0, top
                 logits, _ = model(idx[:, -1:], cache=cache, last_only=True)
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, vocab_limit, generator)
             idx = torch.cat((idx, idx_next), dim=1)
+            if stop is not None and stop(idx):
+                break
     return idx
 
 

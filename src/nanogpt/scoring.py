@@ -14,15 +14,30 @@ Three measurements, each a full, deterministic pass (no sampling, same numbers e
 * **Zero-shot multiple choice in the HellaSwag format**: jsonl lines with ``ctx``, ``endings`` and
   ``label``. Context and ``" " + ending`` are tokenised separately and joined; an input longer
   than the window loses tokens from the left. ``acc`` picks the ending with the largest summed
-  log-probability of its tokens, ``acc_norm`` the largest mean per token (normalised by token
-  count, not by bytes as lm-evaluation-harness does). For orientation, GPT-2 124M on the 10,042
-  validation examples scores about acc 0.286 / acc_norm 0.296 this way; lm-evaluation-harness's
-  byte normalisation and its own text clean-up report acc_norm about 0.311.
+  log-probability of its tokens, ``acc_norm`` the largest mean per token, ``acc_bytes`` the
+  largest sum per UTF-8 byte of the ending. For orientation, GPT-2 124M on the 10,042 validation
+  examples scores about acc 0.286 / acc_norm 0.296 this way; lm-evaluation-harness, with its
+  per-character ``acc_norm`` and its own text clean-up, reports acc_norm about 0.311.
 * **LAMBADA last-word accuracy**: jsonl lines ``{"text": ...}``. The target is the last word with
   its leading space, the context everything before that space; an example counts as correct when
   the greedy prediction at every target position is the target token. Also reported: the mean over
   examples of the target's summed loss, and its exponential (the perplexity lm-evaluation-harness
   reports for LAMBADA).
+
+``definitions="lm_eval"`` scores as lm-evaluation-harness 0.4 does, so that its numbers come out
+exactly; the default ``"nanogpt"`` keeps the definitions above, which nanoGPT-style HellaSwag
+scripts use and which the figures already recorded here (and training's ``eval_tasks`` logs) were
+measured with. Under ``"lm_eval"``:
+
+* a context and its continuation are tokenised together and split where the context's own
+  tokens end (a trailing space of the context moves to the continuation);
+* ``acc_norm`` divides each ending's summed log-probability by its length in characters (the
+  harness's ``acc_bytes``, by UTF-8 bytes, is reported under both definitions);
+* perplexity is the harness's ``loglikelihood_rolling``: the first token is scored after the
+  prefix token (``<|endoftext|>``; a newline for a character vocabulary), the windows of
+  ``block_size`` predictions are disjoint, and the last window is filled out with earlier tokens
+  as context (lm-eval's ``get_rolling_token_windows`` + ``make_disjoint_window``); bytes
+  count the text of ``<|endoftext|>`` as the harness does.
 
 Logits of padded vocabulary entries (ids the tokenizer never produces) are left out of every
 softmax. ``run_tasks`` runs the file-based tasks from a training loop (``eval_tasks``).
@@ -51,6 +66,7 @@ DOWNLOADS = {
     "lambada": (LAMBADA_URL, LAMBADA_SHA256, "lambada/lambada_test.jsonl"),
 }
 TASKS = ("hellaswag", "lambada", "ppl")
+DEFINITIONS = ("nanogpt", "lm_eval")
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,16 +87,44 @@ def _real_logits(logits: torch.Tensor, limit: int | None) -> torch.Tensor:
     return logits
 
 
-def utf8_len(tokenizer, ids) -> int:
+def utf8_len(tokenizer, ids, eot_bytes: bool = False) -> int:
     """UTF-8 bytes of the text that ``ids`` stand for; ``<|endoftext|>`` (and any other special
-    token) counts zero. Every tokenizer is measured on the same bytes, so bits per byte compares
-    a character vocabulary, GPT-2 BPE and a trained BPE fairly."""
-    special = getattr(tokenizer, "special_ids", None) or {getattr(tokenizer, "eot_token", None)}
+    token) counts zero, or the bytes of its text with ``eot_bytes`` (as lm-evaluation-harness
+    counts a document's bytes). Every tokenizer is measured on the same bytes, so bits per byte
+    compares a character vocabulary, GPT-2 BPE and a trained BPE fairly."""
+    special = set() if eot_bytes else (getattr(tokenizer, "special_ids", None) or {getattr(tokenizer, "eot_token", None)})
     ids = [int(i) for i in ids if int(i) not in special]
     decode_bytes = getattr(tokenizer, "decode_bytes", None)
     if decode_bytes is not None:  # byte-level BPE: exact even where one character spans two tokens
         return len(decode_bytes(ids))
     return len(tokenizer.decode(ids).encode("utf-8"))
+
+
+def prefix_token(tokenizer) -> int:
+    """The token that stands before a text with no context, so that its first token is scored:
+    ``<|endoftext|>`` for BPE (what lm-evaluation-harness uses for GPT-2), a newline for a
+    character vocabulary that has one (else its first character)."""
+    eot = getattr(tokenizer, "eot_token", None)
+    if eot is not None:
+        return int(eot)
+    stoi = getattr(tokenizer, "stoi", None) or {}
+    return int(stoi["\n"]) if "\n" in stoi else 0
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness 0.4 splits them: spaces that end
+    the context move to the continuation, the two texts are tokenised together, and the
+    continuation is what follows the context's own tokens. An empty context becomes the prefix
+    token (see :func:`prefix_token`)."""
+    if not context:
+        cont = tokenizer.encode(continuation)
+        first = prefix_token(tokenizer)
+        return ([first], cont) if not cont or cont[0] != first else (cont[:1], cont[1:])
+    kept = context.rstrip()
+    continuation = context[len(kept):] + continuation
+    whole = tokenizer.encode(kept + continuation)
+    head = tokenizer.encode(kept)
+    return head, whole[len(head):]
 
 
 def _bar(total: int, desc: str, unit: str, progress: bool):
@@ -114,11 +158,38 @@ def window_count(n_tokens: int, window: int, stride: int) -> int:
     return 1 + max(0, -(-(n_tokens - 1 - window) // stride))
 
 
+def rolling_windows(n_tokens: int, window: int):
+    """Windows in the form of :func:`iter_windows` as lm-evaluation-harness's
+    ``loglikelihood_rolling`` makes them, for a sequence whose token 0 is the prefix token: the
+    windows predict disjoint runs of ``window`` tokens, and the last one reads a whole window of
+    earlier tokens however few it has left to predict."""
+    done = 0  # tokens 1 .. done are scored
+    while done < n_tokens - 1:
+        end = min(done + window, n_tokens - 1)
+        yield max(0, end - window), end, done + 1
+        done = end
+
+
+def rolling_pairs(ids: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) per rolling window of one document ``ids``: the continuations,
+    joined, are the whole document (see :func:`rolling_windows`)."""
+    seq = [prefix] + list(ids)
+    return [(seq[begin:first], seq[first:end + 1]) for begin, end, first in rolling_windows(len(seq), window)]
+
+
 @torch.no_grad()
 def perplexity(model, tokens, tokenizer, device: str, ctx, window: int, stride: int, batch_size: int = 8,
-               max_windows: int = 0, progress: bool = True, where: str = "the text") -> dict:
+               max_windows: int = 0, progress: bool = True, where: str = "the text", definitions: str = "nanogpt") -> dict:
     """Mean loss (nats per token), perplexity and bits per byte of ``tokens`` (a 1-D array, a
-    memory map is fine), scored in windows of ``window`` tokens that advance by ``stride``."""
+    memory map is fine), scored in windows of ``window`` tokens that advance by ``stride``; with
+    ``definitions="lm_eval"``, in lm-evaluation-harness's rolling windows (``stride`` unused),
+    the first token scored too."""
+    if definitions not in DEFINITIONS:
+        raise ConfigError("definitions must be one of %s; got %r" % (", ".join(DEFINITIONS), definitions))
+    harness = definitions == "lm_eval"
+    if harness:  # the prefix token stands before the text, so token 0 of the text is scored too
+        tokens = np.concatenate([np.array([prefix_token(tokenizer)], dtype=np.int64), np.asarray(tokens, dtype=np.int64)])
+        stride = window
     n = len(tokens)
     if n < 2:
         raise UserError("%s has %d token(s); perplexity needs at least 2 (the first is context only)" % (where, n))
@@ -129,7 +200,7 @@ def perplexity(model, tokens, tokenizer, device: str, ctx, window: int, stride: 
     total = window_count(n, window, stride)
     if max_windows:
         total = min(total, max_windows)
-    spans = itertools.islice(iter_windows(n, window, stride), total)
+    spans = itertools.islice(rolling_windows(n, window) if harness else iter_windows(n, window, stride), total)
     nll, scored, nbytes = 0.0, 0, 0
     with _bar(total, "perplexity", "window", progress) as bar:
         while True:
@@ -144,14 +215,14 @@ def perplexity(model, tokens, tokenizer, device: str, ctx, window: int, stride: 
                 s = first - 1 - begin  # first scored position of this window
                 x[i, :end - begin] = chunk[:-1]
                 y[i, s:end - begin] = chunk[s + 1:]
-                nbytes += utf8_len(tokenizer, chunk[s + 1:].tolist())
+                nbytes += utf8_len(tokenizer, chunk[s + 1:].tolist(), eot_bytes=harness)
             _check_ids(np.concatenate([x.ravel(), y[y >= 0]]), model, where)
             xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             with ctx:
                 logits, _ = model(xt)  # (B, T, V)
             logits = _real_logits(logits, limit)
-            nll += F.cross_entropy(logits.view(-1, logits.size(-1)), yt.view(-1), ignore_index=-1,
-                                   reduction="sum").item()
+            losses = F.cross_entropy(logits.view(-1, logits.size(-1)), yt.view(-1), ignore_index=-1, reduction="none")
+            nll += losses.double().sum().item()  # summed in float64: a float32 sum of thousands drifts by 1e-4
             scored += int((y >= 0).sum())
             bar.update(len(batch))
     loss = nll / scored
@@ -258,43 +329,67 @@ def read_lambada(path: str, limit: int = 0) -> list[tuple[str, str]]:
     return out
 
 
+def _pair(tokenizer, context: str, continuation: str, path: str, example: int, harness: bool):
+    if harness:
+        try:
+            return encode_pair(tokenizer, context, continuation)
+        except UserError as e:  # a character outside a character vocabulary
+            raise UserError("%s example %d: %s" % (path, example, e)) from None
+    return _encode(tokenizer, context, path, example), _encode(tokenizer, continuation, path, example)
+
+
 def hellaswag(model, path: str, tokenizer, device: str, ctx, window: int, batch_size: int = 8, limit: int = 0,
-              progress: bool = True, details: bool = False) -> dict:
-    """acc, acc_norm and n on a HellaSwag-format file; ``details`` adds each example's summed
-    and mean log-probabilities per ending."""
+              progress: bool = True, details: bool = False, definitions: str = "nanogpt") -> dict:
+    """acc, acc_norm, acc_bytes and n on a HellaSwag-format file (``definitions``: see the
+    module's notes); ``details`` adds each example's log-probabilities per ending: summed, and
+    divided by its tokens, its characters and its bytes."""
+    if definitions not in DEFINITIONS:
+        raise ConfigError("definitions must be one of %s; got %r" % (", ".join(DEFINITIONS), definitions))
+    harness = definitions == "lm_eval"
     examples = read_hellaswag(path, limit)
     pairs, sizes = [], []
     for i, (text, endings, _) in enumerate(examples):
-        context = _encode(tokenizer, text, path, i + 1)
-        if not context:
+        if not _encode(tokenizer, text, path, i + 1):
             raise UserError("%s example %d: ctx is empty after tokenisation" % (path, i + 1))
         sizes.append(len(endings))
-        pairs.extend((context, _encode(tokenizer, " " + e, path, i + 1)) for e in endings)
+        pairs.extend(_pair(tokenizer, text, " " + e, path, i + 1, harness) for e in endings)
     scores = score_continuations(model, pairs, device, ctx, window, batch_size, vocab_limit(tokenizer, model),
                                  progress, "hellaswag")
-    acc = acc_norm = 0
+    acc = acc_norm = acc_bytes = 0
     per_example = []
     it = iter(scores)
-    for (_, _, label), k in zip(examples, sizes):
+    for (_, endings, label), k in zip(examples, sizes):
         rows = [next(it) for _ in range(k)]
         total = [lp for lp, _, _ in rows]
-        mean = [lp / max(n, 1) for lp, n, _ in rows]
-        acc += max(range(k), key=total.__getitem__) == label
-        acc_norm += max(range(k), key=mean.__getitem__) == label
-        per_example.append({"logprob": total, "mean_logprob": mean, "label": label})
+        mean = [lp / max(n, 1) for lp, n, _ in rows]  # per token
+        per_char = [lp / max(len(e), 1) for lp, e in zip(total, endings)]  # lm-evaluation-harness's acc_norm
+        per_byte = [lp / max(len(e.encode("utf-8")), 1) for lp, e in zip(total, endings)]  # its acc_bytes
+        acc += _argmax(total) == label
+        acc_norm += _argmax(per_char if harness else mean) == label
+        acc_bytes += _argmax(per_byte) == label
+        per_example.append({"logprob": total, "mean_logprob": mean, "char_logprob": per_char, "byte_logprob": per_byte,
+                            "label": label})
     n = len(examples)
-    out = {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    out = {"acc": acc / n, "acc_norm": acc_norm / n, "acc_bytes": acc_bytes / n, "n": n,
+           "acc_norm_per": "character" if harness else "token"}
     if details:
         out["examples"] = per_example
     return out
 
 
+def _argmax(values: list[float]) -> int:
+    """The index of the largest value, the first one on a tie (as numpy.argmax)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def lambada(model, path: str, tokenizer, device: str, ctx, window: int, batch_size: int = 8, limit: int = 0,
-            progress: bool = True, details: bool = False) -> dict:
+            progress: bool = True, details: bool = False, definitions: str = "nanogpt") -> dict:
     """acc, the mean summed loss of the target word (nats), its perplexity and n on a
     LAMBADA-format file; ``details`` adds each example's (log-probability, tokens, correct)."""
+    if definitions not in DEFINITIONS:
+        raise ConfigError("definitions must be one of %s; got %r" % (", ".join(DEFINITIONS), definitions))
     examples = read_lambada(path, limit)
-    pairs = [(_encode(tokenizer, c, path, i + 1), _encode(tokenizer, t, path, i + 1)) for i, (c, t) in enumerate(examples)]
+    pairs = [_pair(tokenizer, c, t, path, i + 1, definitions == "lm_eval") for i, (c, t) in enumerate(examples)]
     scores = score_continuations(model, pairs, device, ctx, window, batch_size, vocab_limit(tokenizer, model),
                                  progress, "lambada")
     n = len(scores)
