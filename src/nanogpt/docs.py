@@ -7,15 +7,17 @@ import re
 import sys
 
 from .bench import BenchConfig
+from .chat import ChatConfig
 from .config import markdown_table
 from .evaluate import EvalConfig
 from .export import ExportConfig
 from .prepare import PrepareConfig
 from .sample import SampleConfig
+from .serve import ServeConfig
 from .train import TrainConfig
 
 SECTIONS = {"train": TrainConfig, "sample": SampleConfig, "bench": BenchConfig, "eval": EvalConfig, "export": ExportConfig,
-            "prepare": PrepareConfig}
+            "prepare": PrepareConfig, "chat": ChatConfig, "serve": ServeConfig}
 
 
 def render(text: str) -> str:
