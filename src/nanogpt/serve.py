@@ -293,7 +293,10 @@ class _Run:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seqs = []
-        put = self.queue.put_nowait
+
+        def put(event):  # from the engine's thread; after shutdown the loop may be gone
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
         for prompt in job.prompts:
             for j in range(job.n):
                 i = len(self.seqs)
@@ -302,8 +305,7 @@ class _Run:
                     params = Params(**dict(vars(params), seed=params.seed + j))
                 self.seqs.append(server.engine.add(
                     prompt, params,
-                    on_text=lambda s, t, i=i: loop.call_soon_threadsafe(put, (i, t)),
-                    on_done=lambda s, i=i: loop.call_soon_threadsafe(put, (i, None))))
+                    on_text=lambda s, t, i=i: put((i, t)), on_done=lambda s, i=i: put((i, None))))
         self.open = len(self.seqs)
 
     async def events(self):
@@ -471,7 +473,7 @@ class LogRequests:
                 batch = max((s.max_batch_seen for s in run.seqs), default=0)
                 line += ": %d prompt + %d completion tokens, %.1f tokens/s, in a batch of up to %d" % (
                     u["prompt_tokens"], u["completion_tokens"], u["completion_tokens"] / max(dt, 1e-9), batch)
-                if any(s.finish_reason == "cancelled" for s in run.seqs):
+                if any(s.cancelled for s in run.seqs):
                     line += ", cancelled by the client"
             if scope.get("nanogpt.note"):
                 line += ": " + scope["nanogpt.note"]
