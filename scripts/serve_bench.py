@@ -1,18 +1,21 @@
 """Requests/s and tokens/s of ``nanogpt serve`` under 1 and 8 concurrent clients, with requests
 batched through the key/value cache (--max_batch=8) against one at a time (--max_batch=1).
 
-    python scripts/serve_bench.py --out_dir=DIR [--clients=1,8] [--max_batch=1,8] [--requests=16] [--max_tokens=64]
+    python scripts/serve_bench.py --out_dir=DIR [--clients=1,8] [--max_batch=1,8] [--requests=16] [--rounds=3] [--max_tokens=64]
 
 Without --out_dir a GPT-2-shaped model with random weights is saved to a temp folder
 (--n_layer, --n_head, --n_embd, --block_size). Each client sends completion requests back to back
-(plain HTTP, greedy, a different prompt each) until --requests have been answered; tokens/s
-counts completion tokens. One server per --max_batch value, the same requests for each.
+(plain HTTP, greedy, a different prompt each); a round is --requests requests from 8 clients (and
+the same number per client from fewer), and tokens/s counts completion tokens. One server per
+--max_batch value, all started at once; the rounds alternate between them (so a change in the
+machine's load falls on each alike) and the table gives the median round.
 """
 
 import dataclasses
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,7 +73,7 @@ def complete(url, model, prompt, max_tokens):
 
 
 def run(url, model, clients, requests, max_tokens):
-    complete(url, model, PROMPTS[0], 4)  # warm-up
+    """(requests/s, completion tokens/s, mean latency) of ``requests`` requests from ``clients`` clients."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         done = list(pool.map(lambda i: complete(url, model, PROMPTS[i % len(PROMPTS)], max_tokens), range(requests)))
@@ -80,8 +83,11 @@ def run(url, model, clients, requests, max_tokens):
 
 
 def main(argv):
-    opts = {"out_dir": "", "clients": "1,8", "max_batch": "1,8", "requests": "16", "max_tokens": "64", "n_layer": "6",
+    opts = {"out_dir": "", "clients": "1,8", "max_batch": "1,8", "requests": "16", "rounds": "3", "max_tokens": "64", "n_layer": "6",
             "n_head": "6", "n_embd": "384", "block_size": "256", "threads": "0", "device": "cpu"}
+    if "-h" in argv or "--help" in argv:
+        print("usage: " + __doc__.strip())
+        return
     for a in argv:
         k, _, v = a.lstrip("-").partition("=")
         if k not in opts:
@@ -95,19 +101,28 @@ def main(argv):
         os.makedirs(out_dir)
         random_checkpoint(out_dir, *(int(opts[k]) for k in ("n_layer", "n_head", "n_embd", "block_size")))
     import torch
-    print("torch %s, %s, %s; %s requests of %s tokens per row, greedy" % (
-        torch.__version__, opts["device"], time.strftime("%Y-%m-%d"), opts["requests"], opts["max_tokens"]))
+    print("torch %s, %s, %s; per round %s requests (8 clients; 1 client: a client's share) of %s tokens, greedy; "
+          "median of %s rounds" % (torch.__version__, opts["device"], time.strftime("%Y-%m-%d"), opts["requests"],
+                                   opts["max_tokens"], opts["rounds"]))
     print("| server | clients | requests/s | tokens/s | mean latency (s) |")
     print("| --- | --- | --- | --- | --- |")
     extra = ["--device=%s" % opts["device"], "--threads=%s" % opts["threads"]]
-    for mb in (int(x) for x in opts["max_batch"].split(",")):
-        proc, model, url = start(out_dir, mb, extra)
-        try:
-            for c in (int(x) for x in opts["clients"].split(",")):
-                rps, tps, lat = run(url, model, c, int(opts["requests"]), int(opts["max_tokens"]))
+    servers = {}  # every server up at once; the rounds alternate between them, so a change in
+    try:          # the machine's load falls on each alike
+        for mb in (int(x) for x in opts["max_batch"].split(",")):
+            servers[mb] = start(out_dir, mb, extra)
+            complete(servers[mb][2], servers[mb][1], PROMPTS[0], 4)  # warm-up
+        for c in (int(x) for x in opts["clients"].split(",")):
+            got = {mb: [] for mb in servers}
+            for _ in range(int(opts["rounds"])):
+                for mb, (_, model, url) in servers.items():
+                    got[mb].append(run(url, model, c, max(c, int(opts["requests"]) * c // 8 or 1), int(opts["max_tokens"])))
+            for mb, rows in got.items():
+                rps, tps, lat = (statistics.median(r[i] for r in rows) for i in range(3))
                 name = "one at a time (`--max_batch=1`)" if mb == 1 else "batched (`--max_batch=%d`)" % mb
                 print("| %s | %d | %.2f | %.1f | %.2f |" % (name, c, rps, tps, lat), flush=True)
-        finally:
+    finally:
+        for proc, _, _ in servers.values():
             proc.terminate()
             proc.wait(30)
     if tmp:
