@@ -154,6 +154,8 @@ def chat(cfg: ChatConfig) -> None:
         model.to(runtime.PTDTYPE[rt.dtype])
         autocast = None
     vocab = vocabulary_for(train_config, cfg.data_root, model.config.vocab_size)
+    if cfg.compile:
+        print("compile: not used by nanogpt chat (the batch and positions change at every token); running eagerly", file=sys.stderr)
     if getattr(vocab.tokenizer, "eot_token", None) is None:
         raise UserError("nanogpt chat needs a vocabulary with <|endoftext|> (GPT-2 BPE) for its chat template; this model "
                         "reads %s: use sample.py instead" % vocab.name)

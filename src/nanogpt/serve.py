@@ -523,6 +523,8 @@ def load_server(cfg: ServeConfig) -> Server:
         model.to(runtime.PTDTYPE[rt.dtype])
         autocast = None
     vocab = vocabulary_for(train_config, cfg.data_root, model.config.vocab_size)
+    if cfg.compile:
+        print("compile: not used by nanogpt serve (the batch and positions change at every token); running eagerly", file=sys.stderr)
     rt.threads.settle(_err)
     created = None
     if cfg.init_from == "resume":
