@@ -186,6 +186,19 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
     assert any(" 400 in " in ln and "context_length_exceeded" in ln for ln in served.lines)
 
 
+def test_a_client_that_leaves_mid_stream_frees_its_row(served):
+    c = served.client()
+    stream = c.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=40, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    r = c.completions.create(model="tiny", prompt=PROMPTS[4], max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4
+    deadline = time.time() + 20
+    while not any("cancelled by the client" in ln for ln in served.lines) and time.time() < deadline:
+        time.sleep(0.1)
+    assert any("cancelled by the client" in ln for ln in served.lines), served.lines[-3:]
+
+
 def test_a_missing_server_library_is_one_line(monkeypatch, capsys, tmp_path):
     import nanogpt.serve
     monkeypatch.setitem(sys.modules, "uvicorn", None)
@@ -241,6 +254,15 @@ def test_rows_in_a_batch_do_not_change_each_others_tokens(bpe):
         while engine.busy():
             engine.step()
         assert engine.row_steps > engine.steps  # batched
+        sampled = Params(max_tokens=12, temperature=1.0, top_k=50, seed=11)
+        alone = engine.add(tok.encode(PROMPTS[0]), sampled)
+        while engine.busy():
+            engine.step()
+        crowd = [engine.add(tok.encode(p), Params(max_tokens=8, temperature=0.9, seed=i)) for i, p in enumerate(PROMPTS[1:3])]
+        again = engine.add(tok.encode(PROMPTS[0]), sampled)
+        while engine.busy():
+            engine.step()
+        assert again.tokens == alone.tokens and all(s.finish_reason for s in crowd)  # a seed's draws are its own
         for s in seqs:
             ref = generate(model, torch.tensor([s.prompt]), s.params.max_tokens, temperature=0)[0, len(s.prompt):].tolist()
             assert s.tokens == ref and s.text == tok.decode(ref) and s.finish_reason == "length"
