@@ -165,6 +165,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
         (openai.BadRequestError, dict(model="tiny", prompt="x", max_tokens=-1), "max_tokens", "invalid_value"),
         (openai.BadRequestError, dict(model="tiny", prompt=[99999999]), "prompt", "invalid_value"),
         (openai.BadRequestError, dict(model="tiny", prompt="x", logprobs=2), "logprobs", "unsupported_parameter"),
+        (openai.BadRequestError, dict(model="tiny", prompt="x", seed=2 ** 70), "seed", "invalid_value"),
+        (openai.BadRequestError, dict(model="tiny", prompt="x", stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value"),
     ]
     for err, kw, param, code in cases:
         with pytest.raises(err) as e:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import random
 import threading
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -225,7 +226,16 @@ class Engine:
                     seq = self.waiting.popleft() if self.waiting else None
                 if seq is None:
                     break
-                self._prefill(seq)
+                try:
+                    self._prefill(seq)
+                except Exception as e:  # this sequence alone fails; the others go on
+                    traceback.print_exc()
+                    if seq in self.rows:  # it was the last row
+                        self.rows.remove(seq)
+                    if seq.finish_reason is None:
+                        seq.finish_reason, seq.error = "error", "%s: %s" % (type(e).__name__, e)
+                        if seq.on_done:
+                            seq.on_done(seq)
             self._drop_finished()
             if not self.rows:
                 return
@@ -258,7 +268,7 @@ class Engine:
         p = seq.params
         seq.stream = TextStream(self.vocab.tokenizer, p.stop, p.strip_space)
         seq.generator = torch.Generator(device=self.device)
-        seq.generator.manual_seed(p.seed if p.seed is not None else self._seeds.getrandbits(63))
+        seq.generator.manual_seed((p.seed if p.seed is not None else self._seeds.getrandbits(63)) & (2 ** 64 - 1))
         if seq.cancelled:
             return self._finish(seq, None)
         r = len(self.rows)

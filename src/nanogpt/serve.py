@@ -205,7 +205,7 @@ class Server:
         elif max_tokens > room:
             raise ApiError(400, "%s=%d plus the %s's %d tokens is more than this model's context of %d tokens; ask for at most %d"
                            % (name, max_tokens, param, longest, self.block_size, room), name, "context_length_exceeded")
-        seed = _integer(body, "seed", None)
+        seed = _integer(body, "seed", None, -2 ** 63, 2 ** 63 - 1)
         return Params(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
                       top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True), top_k=_integer(body, "top_k", 0, 0),
                       stop=_stops(body), seed=seed, **extra)
