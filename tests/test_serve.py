@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -57,7 +58,8 @@ class Running:
                     self.url = m.group(1)
                     started.set()
             started.set()
-        threading.Thread(target=read, daemon=True).start()
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
         started.wait(120)
         assert self.url, "\n".join(self.lines)
 
@@ -66,8 +68,11 @@ class Running:
         return openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=60)
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(20)
+        """Ctrl-C, as a person stops it: the server ends cleanly."""
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(20)
+        self.reader.join(5)
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,7 @@ def served(tmp_path_factory, data_mirror):
     run = Running(out, env)
     run.out_dir = out
     yield run
-    run.stop()
+    assert run.stop() == 0 and run.lines[-1] == "stopped", run.lines[-3:]
 
 
 def post(url, body: bytes):

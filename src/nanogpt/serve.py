@@ -539,17 +539,20 @@ def serve(cfg: ServeConfig) -> None:
     server = load_server(cfg)
     host, port = sock.getsockname()[:2]
     url_host = "[%s]" % host if ":" in host else host
-    _err("serving %s (%s, %.2fM parameters, context %d, batches of up to %d) on http://%s:%d/v1"
-         % (server.name, server.vocab.name, server.model.num_params() / 1e6, server.block_size, cfg.max_batch, url_host, port))
-    server.start()
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=5)
     try:
+        server.start()
+        _err("serving %s (%s, %.2fM parameters, context %d, batches of up to %d) on http://%s:%d/v1"
+             % (server.name, server.vocab.name, server.model.num_params() / 1e6, server.block_size, cfg.max_batch, url_host, port))
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn finished the requests in flight, then passed Ctrl-C on
+        pass
     finally:
         server.stop()
         with contextlib.suppress(OSError):
             sock.close()
+    _err("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
