@@ -165,7 +165,7 @@ def chat(cfg: ChatConfig) -> None:
             import readline  # noqa: F401  line editing and history for input()
         except ImportError:
             pass
-    session = Chat(model, vocab, cfg, autocast)
+    conversation = Chat(model, vocab, cfg, autocast)
     print("chatting with %s (context %d tokens, temperature %g); %s"
           % (cfg.out_dir if cfg.init_from == "resume" else cfg.init_from, model.config.block_size, cfg.temperature, HELP),
           flush=True)
@@ -181,10 +181,10 @@ def chat(cfg: ChatConfig) -> None:
         if not line:
             continue
         if line.startswith("/"):
-            if not session.command(line):
+            if not conversation.command(line):
                 break
             continue
-        session.reply(line)
+        conversation.reply(line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,6 @@ import traceback
 import uuid
 from dataclasses import dataclass
 
-import torch
 
 from . import chat_template, runtime
 from .checkpoint import load_for_inference
