@@ -28,7 +28,6 @@ import traceback
 import uuid
 from dataclasses import dataclass
 
-
 from . import chat_template, runtime
 from .checkpoint import load_for_inference
 from .config import Config, Section, check_init_from, setting
