@@ -50,7 +50,7 @@ def test_whole_split_loss_agrees_with_eval(data_root, tmp_path):
     assert float(loss) == pytest.approx(want["loss"], abs=1e-4) and scored == want["tokens"]
 
 
-@pytest.mark.parametrize("script", ["time_to_loss.py", "whole_split_loss.py", "loss_memory.py"])
+@pytest.mark.parametrize("script", ["time_to_loss.py", "whole_split_loss.py", "loss_memory.py", "serve_bench.py"])
 def test_scripts_explain_themselves(script):
     r = subprocess.run([sys.executable, os.path.join("scripts", script), "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)

@@ -11,6 +11,8 @@ COMMANDS = {
     "bench": ("nanogpt.bench", "time training steps: ms/iter, tokens/s, MFU, peak memory"),
     "prepare": ("nanogpt.prepare", "prepare a dataset (shakespeare_char, shakespeare, openwebtext, corpus, chat) or train a tokenizer (tokenizer)"),
     "export": ("nanogpt.export", "write a checkpoint as a Hugging Face GPT2LMHeadModel folder (+ tokenizer files) or a GGUF file"),
+    "chat": ("nanogpt.chat", "talk to a model in the terminal through the chat template"),
+    "serve": ("nanogpt.serve", "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions; needs starlette, uvicorn)"),
     "plot": ("nanogpt.plot", "plot metrics.jsonl of one or more runs into a PNG (needs matplotlib)"),
 }
 

@@ -8,15 +8,17 @@ import sys
 
 from .bench import BenchConfig
 from .bpe import TokenizerConfig
+from .chat import ChatConfig
 from .config import markdown_table
 from .evaluate import EvalConfig
 from .export import ExportConfig
 from .prepare import PrepareConfig
 from .sample import SampleConfig
+from .serve import ServeConfig
 from .train import TrainConfig
 
 SECTIONS = {"train": TrainConfig, "sample": SampleConfig, "bench": BenchConfig, "eval": EvalConfig, "export": ExportConfig,
-            "prepare": PrepareConfig, "tokenizer": TokenizerConfig}
+            "prepare": PrepareConfig, "tokenizer": TokenizerConfig, "chat": ChatConfig, "serve": ServeConfig}
 
 
 def render(text: str) -> str:
