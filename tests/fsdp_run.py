@@ -31,7 +31,7 @@ class FixedBatches:
     """Stands in for nanogpt.data.BatchLoader (same constructor and methods)."""
 
     def __init__(self, data_dir, split, batch_size, block_size, device, seed, dtype="uint16", vocab_size=None,
-                 dataset="", prefetch=0, meta=None):
+                 dataset="", prefetch=0, meta=None, verify=True):
         self.data = np.memmap(os.path.join(data_dir, "%s.bin" % split), dtype=np.dtype(dtype), mode="r")
         self.split, self.batch_size, self.block_size, self.device = split, batch_size, block_size, device
         self.training = split == "train" and seed == RUN["seed"] + RUN["rank"]  # the training stream

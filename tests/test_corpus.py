@@ -249,7 +249,9 @@ def test_sigkill_at_any_moment_resumes_to_the_same_bytes(tmp_path, enc):
     docs = shakespeare_docs(1000, seed=2)
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     kw = dict(val_fraction=0.05, num_proc=1, shard_tokens=10_000)
+    t0 = time.monotonic()
     prepare_corpus(str(tmp_path / "ref"), str(src), **kw)
+    seconds = time.monotonic() - t0  # how long the writing takes here: the kills fall inside it
     ref = folder_bytes(tmp_path / "ref")
     code = ("import sys; from nanogpt.corpus import prepare_corpus; "
             "prepare_corpus(sys.argv[1], sys.argv[2], val_fraction=0.05, num_proc=1, shard_tokens=10000)")
@@ -263,7 +265,7 @@ def test_sigkill_at_any_moment_resumes_to_the_same_bytes(tmp_path, enc):
             deadline = time.monotonic() + 60
             while not any(out.glob("*.tmp")) and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.01)  # wait until it writes
-            time.sleep(rng.uniform(0, 0.4))
+            time.sleep(rng.uniform(0, 0.25) * seconds)
             p.send_signal(signal.SIGKILL)
         rc = p.wait(timeout=120)
         kills += rc == -signal.SIGKILL
