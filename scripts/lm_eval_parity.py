@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--hf_dir", default="", help="the exported folder: compare with lm-eval's hf backend")
     ap.add_argument("--n", type=int, default=50, help="documents per task")
     ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--mask_padding", default="True", choices=("True", "False"),
+                    help="the adapter's mask_padding (False scores padded vocabulary rows, as the hf backend)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both scorers (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -101,8 +103,8 @@ def main() -> None:
             rows["nano_gen"] = prompts
         write_tasks(tmp, rows)
         folder, tasks = tmp, list(rows)
-        ours = harness("nanogpt", "out_dir=%s,data_root=%s,device=cpu,batch_size=%d,threads=%d" % (
-            args.out_dir, args.data_root, args.batch_size, args.threads), folder, tasks)
+        ours = harness("nanogpt", "out_dir=%s,data_root=%s,device=cpu,batch_size=%d,threads=%d,mask_padding=%s" % (
+            args.out_dir, args.data_root, args.batch_size, args.threads, args.mask_padding), folder, tasks)
         if args.hf_dir:
             other = "lm-eval hf backend on %s" % args.hf_dir
             theirs = harness("hf", "pretrained=%s,device=cpu,batch_size=%d,dtype=float32" % (args.hf_dir, args.batch_size),
@@ -137,7 +139,7 @@ def main() -> None:
         mc_ours = [lp for lp, _ in responses(ours, "nano_mc")]
         roll_ours = responses(ours, "nano_roll")
         acc_ours = tuple(ours["results"]["nano_mc"][k + ",none"] for k in ("acc", "acc_norm", "acc_bytes"))
-        print("adapter vs %s, %d docs per task" % (other, args.n))
+        print("adapter (mask_padding=%s) vs %s, %d docs per task" % (args.mask_padding, other, args.n))
         print("| task | requests | max abs diff of log-likelihood | metrics (adapter / other) |")
         print("| --- | --- | --- | --- |")
         print("| multiple choice | %d | %.3g | acc/acc_norm/acc_bytes %s / %s: %s |" % (

@@ -297,3 +297,25 @@ def test_rolling_pairs_are_lm_evals_windows(n, window):
     ids = list(range(100, 100 + n))
     theirs = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(ids, 7, window, 1)]
     assert scoring.rolling_pairs(ids, 7, window) == [(list(a), list(b)) for a, b in theirs]
+
+
+def test_padded_rows_are_masked_unless_asked(gpt2_runs):
+    """mask_padding=True (default) scores a padded model as its unpadded self; False keeps the
+    padded rows in the softmax, as lm-eval's hf backend does on the exported folder."""
+    from nanogpt.lm_eval_adapter import NanoGPTLM
+    model = gpt2_runs[3]
+    padded = GPT(GPTConfig(**dict(asdict(model.config), vocab_size=50304))).eval()
+    with torch.no_grad():
+        for k, v in padded.state_dict().items():
+            src = model.state_dict()[k]
+            if k in ("transformer.wte.weight", "lm_head.weight"):
+                v[:50257], v[50257:] = src, 3.0 * torch.randn_like(v[50257:])
+            else:
+                v.copy_(src)
+    vocab = vocabulary_for(None, "data", 50304)
+    pairs = [([50256], [464, 3797, 3332, 319]), ([464, 3797], [3332, 319, 262, 2603, 13])]
+    plain = NanoGPTLM(model=model, vocab=vocabulary_for(None, "data", 50257), progress=False)._score(pairs, "x")
+    masked = NanoGPTLM(model=padded, vocab=vocab, progress=False)._score(pairs, "x")
+    kept = NanoGPTLM(model=padded, vocab=vocab, mask_padding=False, progress=False)._score(pairs, "x")
+    assert [lp for lp, _ in masked] == pytest.approx([lp for lp, _ in plain], abs=1e-5)
+    assert all(k < m - 1e-3 for (k, _), (m, _) in zip(kept, masked))

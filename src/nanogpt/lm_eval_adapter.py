@@ -34,8 +34,8 @@ weights give the same numbers through either (see tests/test_lm_eval.py):
 The prefix token is ``<|endoftext|>`` for BPE; a character vocabulary has none, and a newline
 stands in for it. Logits of padded vocabulary entries (ids the tokenizer never produces) are
 left out of every softmax, as in eval.py; lm-eval's ``hf`` backend on an exported folder with a
-padded vocabulary keeps them, which moves log-likelihoods by the tiny probability the model
-gives those ids. Requests are sorted by length and scored ``batch_size`` at a time.
+padded vocabulary keeps them, which moves log-likelihoods by the probability the model gives
+those ids (``mask_padding=False`` keeps them too, to compare with it). Requests are sorted by length and scored ``batch_size`` at a time.
 """
 
 from __future__ import annotations
@@ -90,12 +90,12 @@ class NanoGPTLM(TemplateLM):
 
     def __init__(self, init_from: str = "resume", out_dir: str = "out", pretrained: str | None = None,
                  data_root: str = "data", device: str | None = None, dtype: str = "auto", batch_size=8,
-                 max_batch_size=None, max_length=0, threads=0, model=None, vocab=None, autocast=None,
-                 progress: bool = True, **unknown):
+                 max_batch_size=None, max_length=0, threads=0, mask_padding: bool = True, model=None, vocab=None,
+                 autocast=None, progress: bool = True, **unknown):
         super().__init__()
         if unknown:
             raise ConfigError("lm-eval model_args: unknown key %r for model %r (known: init_from, pretrained, out_dir, "
-                              "data_root, device, dtype, batch_size, max_length, threads)" % (sorted(unknown)[0], NAME))
+                              "data_root, device, dtype, batch_size, max_length, threads, mask_padding)" % (sorted(unknown)[0], NAME))
         if model is None:
             device = runtime.resolve_device(device or "auto")
             cpu_threads = runtime.CpuThreads(_int("threads", threads, 0), device.split(":")[0])
@@ -109,6 +109,9 @@ class NanoGPTLM(TemplateLM):
         elif vocab is None:
             raise ConfigError("NanoGPTLM(model=...) needs the model's vocabulary too (vocab=tokenizer.vocabulary_for(...))")
         self.model, self.vocab, self.tok = model, vocab, vocab.tokenizer
+        if not isinstance(mask_padding, bool):
+            raise ConfigError("lm-eval model_args: mask_padding must be True or False; got %r" % (mask_padding,))
+        self.limit = vocab.limit if mask_padding else None  # how many leading logits are real tokens
         self._device = torch.device(device or next(model.parameters()).device)
         self.autocast = autocast if autocast is not None else runtime.autocast(self._device.type, "float32")
         self.batch_size = max(1, _int("batch_size", batch_size, 8))
@@ -154,7 +157,7 @@ class NanoGPTLM(TemplateLM):
         so that each batch holds inputs of about the same length."""
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         scored = score_continuations(self.model, [pairs[i] for i in order], str(self._device), self.autocast,
-                                     self._max_length, self.batch_size, self.vocab.limit, self.progress, desc)
+                                     self._max_length, self.batch_size, self.limit, self.progress, desc)
         out: list = [None] * len(pairs)
         for i, (lp, _, greedy) in zip(order, scored):
             out[i] = (lp, greedy)
@@ -245,7 +248,7 @@ class NanoGPTLM(TemplateLM):
 
         with self.autocast:
             seq = generate(self.model, idx, settings["max_gen_toks"], temperature=settings["temperature"],
-                           top_k=settings["top_k"] or None, top_p=settings["top_p"], vocab_limit=self.vocab.limit,
+                           top_k=settings["top_k"] or None, top_p=settings["top_p"], vocab_limit=self.limit,
                            stop=all_stopped if until else None)
         out = []
         for row in seq:
