@@ -261,7 +261,7 @@ def test_doc_attention_is_refused_where_it_cannot_train(monkeypatch):
     assert attention_kind("cpu") == "dense"
     with pytest.raises(ConfigError, match="doc_attention=True trains on cuda .* or cpu.*'mps'"):
         attention_kind("mps")
-    monkeypatch.setattr(doc_batches, "flex_attention", None)
+    monkeypatch.setattr(doc_batches, "_FLEX", (None, None))
     with pytest.raises(ConfigError, match="needs FlexAttention"):
         attention_kind("cuda")
 

@@ -227,4 +227,4 @@ def test_hub_dataset_is_streamed(tmp_path, monkeypatch, capsys):
     assert calls == [("someone/corpus", "validation", True)] and "from 20 texts" in r.stdout
     assert corpus_tokenizer(str(tmp_path / "t")).vocab_size == 300
     r = run_main("prepare", ["tokenizer", "--source=someone/corpus", "--text_field=body", "--out=%s" % (tmp_path / "u")], capsys)
-    assert_one_line_error(r, "has no 'body' field")
+    assert_one_line_error(r, "has no 'body' column")

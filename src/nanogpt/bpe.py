@@ -30,8 +30,6 @@ The folder written holds ``tokenizer.json`` (which ``prepare corpus --tokenizer=
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import shutil
 import tempfile
@@ -43,7 +41,6 @@ from .errors import ConfigError, PrepareError, run_command
 from .tokenizer import EOT_TEXT, TOKENIZER_FILES, ByteBPETokenizer, _tokenizers_module, write_tokenizer_folder
 
 N_BYTES = 256  # the byte alphabet every byte-level BPE starts from
-SUFFIXES = (".txt", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 BLOCK_CHARS = 1 << 20  # a .txt file is read about this many characters at a time
 BATCH_CHARS = 1 << 20  # the trainer gets about this much text per batch
 BATCH_DOCS = 1024  # and at most this many texts
@@ -68,127 +65,16 @@ def special_token_list(names: str) -> list[str]:
 # reading a source
 
 
-def _text_of(row, field: str, where: str) -> str:
-    if not isinstance(row, dict) or field not in row:
-        raise PrepareError("%s has no %r field; pass --text_field" % (where, field))
-    text = row[field]
-    if text is None:
-        return ""
-    if not isinstance(text, str):
-        raise PrepareError("%s: field %r is %s, not a string" % (where, field, type(text).__name__))
-    return text
-
-
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return open(path, encoding="utf-8-sig")
-
-
-def _read_file(path: str, field: str):
-    """The texts of one local file (a .txt file in blocks that end at a newline)."""
-    try:
-        if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                held = ""
-                for block in iter(lambda: f.read(BLOCK_CHARS), ""):
-                    block = held + block
-                    cut = block.rfind("\n") + 1
-                    if cut:
-                        yield block[:cut]
-                        held = block[cut:]
-                    else:
-                        held = block
-                if held:
-                    yield held
-        elif path.endswith(".parquet"):
-            yield from _read_parquet(path, field)
-        else:
-            with _open_text(path) as f:
-                first = True
-                for i, line in enumerate(f):
-                    if first and line.lstrip().startswith("["):
-                        raise PrepareError("%s holds one JSON array; write it as JSON lines (one object per line)" % path)
-                    first = first and not line.strip()
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise PrepareError("%s line %d is not valid JSON (%s)" % (path, i + 1, e.msg)) from None
-                    yield _text_of(row, field, "%s line %d" % (path, i + 1))
-    except UnicodeDecodeError as e:
-        raise PrepareError("%s is not UTF-8 text (%s); convert it to UTF-8" % (path, e.reason)) from None
-    except (OSError, EOFError) as e:  # a truncated or foreign .gz file
-        raise PrepareError("cannot read %s (%s)" % (path, e)) from None
-
-
-def _read_parquet(path: str, field: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise PrepareError("reading %s needs pyarrow: pip install pyarrow" % path) from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own error kinds for a file that is not parquet
-        raise PrepareError("%s is not a readable parquet file (%s)" % (path, str(e).splitlines()[0][:160])) from None
-    if field not in pf.schema_arrow.names:
-        raise PrepareError("%s has no %r column (columns: %s); pass --text_field" % (path, field, ", ".join(pf.schema_arrow.names)))
-    for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=[field]):
-        for text in batch.column(0).to_pylist():
-            if text is not None and not isinstance(text, str):
-                raise PrepareError("%s: column %r holds %s, not strings" % (path, field, type(text).__name__))
-            yield text or ""
-
-
-def local_files(source: str) -> list[str]:
-    """The readable files of a local source: the file itself, or those under the folder."""
-    if os.path.isfile(source):
-        if not source.endswith(SUFFIXES):
-            raise PrepareError("%s: unsupported file type; use .txt, .jsonl, .jsonl.gz or .parquet" % source)
-        return [source]
-    files = []
-    for d, dirs, names in os.walk(source):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        files += [os.path.join(d, x) for x in names if not x.startswith(".") and x.endswith(SUFFIXES)]
-    if not files:
-        raise PrepareError("no .txt, .jsonl, .jsonl.gz or .parquet files under %s" % source)
-    return sorted(files)
-
-
-def _hub_texts(name: str, field: str, split: str):
-    try:
-        import datasets
-    except ImportError:
-        raise PrepareError("%r is not a local file or folder, and reading it from the Hugging Face hub needs the "
-                           "datasets package: pip install datasets" % name) from None
-    try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
-        rows = iter(ds)
-        first = next(rows, None)
-    except Exception as e:  # the hub, the network and the files can all fail in many ways
-        first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise PrepareError("%r is not a local file or folder, and streaming it as a Hugging Face dataset (split %r) "
-                           "failed: %s" % (name, split, first_line)) from None
-    if first is None:
-        return
-    yield _text_of(first, field, "Hugging Face dataset %r" % name)
-    for row in rows:
-        yield _text_of(row, field, "Hugging Face dataset %r" % name)
-
-
 def source_texts(source: str, field: str = "text", split: str = "train"):
-    """Every text of ``source`` in order: local files when the path exists, else a Hugging Face
-    dataset. Returns (an iterator of texts, the bytes on disk to read or None when unknown)."""
-    if os.path.exists(source):
-        files = local_files(source)
-        size = None if any(p.endswith((".gz", ".parquet")) for p in files) else sum(os.path.getsize(p) for p in files)
-
-        def texts():
-            for path in files:
-                yield from _read_file(path, field)
-        return texts(), size
-    return _hub_texts(source, field, split), None
+    """Every text of ``source`` in order, read as ``prepare corpus`` reads it (corpus.py: local
+    files when the path exists, else a Hugging Face dataset, streamed; long documents in pieces
+    cut where GPT-2's pre-tokenizer splits anyway). Returns (an iterator of texts, the bytes of
+    text to read, or None when unknown: compressed or columnar files, or a dataset)."""
+    from . import corpus
+    src = corpus.open_source(source, field, split)
+    files = getattr(src, "files", None)
+    size = None if files is None or any(p.endswith((".gz", ".zst", ".parquet")) for p in files) else src.total_bytes
+    return corpus.source_texts(src), size
 
 
 # --------------------------------------------------------------------------------------------

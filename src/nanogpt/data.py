@@ -406,7 +406,11 @@ class BatchLoader:
                 take = min(len(row), self.n - start)
                 row[:take] = self.tokens.read(start, take)
                 row[take:] = self.pad
-        rows = raw.astype(np.int64)  # (B, T+1)
+        return self._batch(raw.astype(np.int64), self._learned(starts) if self.mask_path is not None else None)
+
+    def _batch(self, rows: np.ndarray, learned: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) from rows of ``block_size + 1`` ids (B, T+1), checked against vocab_size; a target
+        whose ``learned`` entry is 0 becomes -1 (no loss); pinned on CUDA."""
         if self.vocab_size is not None:
             top = int(rows.max())
             if top >= self.vocab_size:
@@ -414,8 +418,8 @@ class BatchLoader:
                                 % (self.path, top, self.vocab_size))
         t = torch.from_numpy(rows)
         x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T) each
-        if self.mask_path is not None:
-            y[torch.from_numpy(self._learned(starts)[:, 1:]) == 0] = -1  # only assistant tokens are targets
+        if learned is not None:
+            y[torch.from_numpy(learned[:, 1:]) == 0] = -1  # chat data: only assistant tokens are targets
         if self.device.startswith("cuda"):
             x, y = x.pin_memory(), y.pin_memory()
         return x, y

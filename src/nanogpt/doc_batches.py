@@ -25,7 +25,6 @@ training choice, not part of the model.
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +35,21 @@ from .config import Section, setting
 from .data import BatchLoader, Tokens
 from .errors import CheckpointError, ConfigError, DataError
 
-try:  # torch >= 2.5
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - older torch
-    create_block_mask = flex_attention = None
+_FLEX = None  # (create_block_mask, flex_attention), imported on first use: importing it loads torch's compiler
+
+
+def _flex():
+    """FlexAttention's two functions, or (None, None) where torch has none (torch < 2.5)."""
+    global _FLEX
+    if _FLEX is None:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable"):
+                create_block_mask = torch.compiler.disable(create_block_mask)  # built eagerly once per forward; attention compiles
+            _FLEX = (create_block_mask, flex_attention)
+        except ImportError:  # pragma: no cover - older torch
+            _FLEX = (None, None)
+    return _FLEX
 
 
 @dataclass
@@ -187,16 +197,7 @@ class DocumentLoader(BatchLoader):
                 row[at] = self.eot
                 row[at + 1:at + take] = self.tokens.read(int(self.starts[doc]), take - 1)
                 at += take
-        if self.vocab_size is not None:
-            top = int(rows.max())
-            if top >= self.vocab_size:
-                raise DataError("%s contains token id %d but the model's vocab_size is %d; re-prepare the data or raise --vocab_size"
-                                % (self.path, top, self.vocab_size))
-        t = torch.from_numpy(rows)
-        x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()  # (B, T) each
-        if self.device.startswith("cuda"):
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+        return self._batch(rows)
 
 
 def eot_of(meta: dict | None, dataset: str, want: str) -> int:
@@ -219,7 +220,7 @@ def attention_kind(device_type: str) -> str:
     if device_type == "cpu":
         return "dense"
     if device_type == "cuda":
-        if flex_attention is None:
+        if _flex()[1] is None:
             raise ConfigError("doc_attention=True needs FlexAttention (torch.nn.attention.flex_attention), which torch %s "
                               "lacks; install torch >= 2.5 or pass --doc_attention=False" % torch.__version__)
         return "flex"
@@ -243,11 +244,9 @@ def _block_mask(docs: torch.Tensor):
 
     def same_document(b, h, q, kv):
         return (q >= kv) & (docs[b, q] == docs[b, kv])
-    return create_block_mask(same_document, B, None, T, T, device=docs.device)
+    return _flex()[0](same_document, B, None, T, T, device=docs.device)
 
 
-if hasattr(torch, "compiler") and hasattr(torch.compiler, "disable"):
-    _block_mask = torch.compiler.disable(_block_mask)  # built eagerly once per forward; attention itself compiles
 
 
 def document_mask(idx: torch.Tensor, eot: int, kind: str):
@@ -264,4 +263,4 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) 
     """Attention of q, k, v (B, nh, T, hs) under a mask from :func:`document_mask`."""
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return flex_attention(q, k, v, block_mask=mask)
+    return _flex()[1](q, k, v, block_mask=mask)
