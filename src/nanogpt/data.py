@@ -23,7 +23,6 @@ are -1, which the loss ignores, so only assistant tokens are learned.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import io
 import json
 import os
@@ -253,11 +252,8 @@ def file_sha256(path: str) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _CHECKED:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _CHECKED[key] = h.hexdigest()
+        from .download import sha256_of
+        _CHECKED[key] = sha256_of(path)
     return _CHECKED[key]
 
 

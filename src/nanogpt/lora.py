@@ -20,7 +20,6 @@ and ``export --merge_lora=True`` use.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPT2_NAMES, Section, setting
+from .download import sha256_of
 from .errors import CheckpointError, ConfigError, first_line
 
 # what lora_targets may name: the Linear layers of a block, by the end of their names
@@ -184,14 +184,6 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------------------------
 # the base a checkpoint refers to
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hf_weights_file(folder: str) -> str:
